@@ -1,0 +1,573 @@
+/*
+ * tcp_repair.c — see tcp_repair.h. The kernel facts this relies on (order of steps, what
+ * needs repair mode, buffer sizing) are in docs/tcp_repair.md.
+ */
+#define _GNU_SOURCE
+#include "tcp_repair.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/sockios.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#ifndef SO_BUF_LOCK
+#define SO_BUF_LOCK 72
+#endif
+#ifndef IPPROTO_MPTCP
+#define IPPROTO_MPTCP 262
+#endif
+
+/* Kernel defaults: options holding them are not set again on restore (each setsockopt is
+ * a syscall inside the freeze window). */
+#define DEF_KEEPIDLE 7200
+#define DEF_KEEPINTVL 75
+#define DEF_KEEPCNT 9
+#define DEF_TTL 64
+#define SOCK_BUF_LOCK_MASK 3
+
+const char *tcpr_strerror(int code)
+{
+	switch (code) {
+	case TCPR_OK: return "ok";
+	case TCPR_E_NOT_SOCKET: return "not a socket";
+	case TCPR_E_NOT_TCP: return "not a TCP stream socket";
+	case TCPR_E_FAMILY: return "address family is neither AF_INET nor AF_INET6";
+	case TCPR_E_MPTCP: return "MPTCP sockets (protocol 262) cannot be repaired";
+	case TCPR_E_STATE: return "TCP state cannot be repaired";
+	case TCPR_E_REPAIR_ON: return "setsockopt(TCP_REPAIR, on)";
+	case TCPR_E_REPAIR_OFF: return "setsockopt(TCP_REPAIR, off)";
+	case TCPR_E_INFO: return "getsockopt(TCP_INFO)";
+	case TCPR_E_NAME: return "getsockname/getpeername";
+	case TCPR_E_QUEUE_SEL: return "setsockopt(TCP_REPAIR_QUEUE) (socket not frozen?)";
+	case TCPR_E_QUEUE_SEQ: return "TCP_QUEUE_SEQ";
+	case TCPR_E_QUEUE_LEN: return "queue length ioctl (SIOCINQ/SIOCOUTQ/SIOCOUTQNSD)";
+	case TCPR_E_PEEK: return "reading queue bytes";
+	case TCPR_E_MSS: return "TCP_MAXSEG";
+	case TCPR_E_TIMESTAMP: return "TCP_TIMESTAMP";
+	case TCPR_E_WINDOW: return "TCP_REPAIR_WINDOW";
+	case TCPR_E_SOCKOPT: return "socket option";
+	case TCPR_E_NOMEM: return "out of memory for the queue buffer";
+	case TCPR_E_VERSION: return "state struct of unknown version or size";
+	case TCPR_E_INVALID: return "inconsistent state";
+	case TCPR_E_SOCKET: return "socket()";
+	case TCPR_E_BIND: return "bind() of the restored socket";
+	case TCPR_E_CONNECT: return "connect() in repair mode";
+	case TCPR_E_OPTIONS: return "TCP_REPAIR_OPTIONS";
+	case TCPR_E_BUF: return "buffer size (SO_SNDBUFFORCE/SO_RCVBUFFORCE/SO_BUF_LOCK)";
+	case TCPR_E_RECVQ: return "replaying the receive queue";
+	case TCPR_E_SENDQ: return "replaying the sent-but-unacknowledged data";
+	case TCPR_E_UNSENT: return "sending the never-sent data";
+	case TCPR_E_CLOSE: return "close()";
+	default: return "unknown error";
+	}
+}
+
+static int get_int(int fd, int level, int name, int *val)
+{
+	socklen_t len = sizeof(*val);
+	return getsockopt(fd, level, name, val, &len);
+}
+
+static int set_int(int fd, int level, int name, int val)
+{
+	return setsockopt(fd, level, name, &val, sizeof(val));
+}
+
+static int repairable_state(uint8_t state)
+{
+	return state == TCP_ESTABLISHED;
+}
+
+int tcpr_freeze(int fd)
+{
+	int type, proto;
+	struct tcp_info ti;
+	socklen_t len;
+
+	if (get_int(fd, SOL_SOCKET, SO_TYPE, &type) < 0)
+		return errno == ENOTSOCK || errno == EBADF ? TCPR_E_NOT_SOCKET : TCPR_E_SOCKOPT;
+	if (get_int(fd, SOL_SOCKET, SO_PROTOCOL, &proto) < 0)
+		return TCPR_E_SOCKOPT;
+	if (proto == IPPROTO_MPTCP) {
+		errno = ENOPROTOOPT;
+		return TCPR_E_MPTCP;
+	}
+	if (type != SOCK_STREAM || proto != IPPROTO_TCP) {
+		errno = EPROTONOSUPPORT;
+		return TCPR_E_NOT_TCP;
+	}
+	len = sizeof(ti);
+	memset(&ti, 0, sizeof(ti));
+	if (getsockopt(fd, SOL_TCP, TCP_INFO, &ti, &len) < 0)
+		return TCPR_E_INFO;
+	if (!repairable_state(ti.tcpi_state)) {
+		errno = EINVAL;
+		return TCPR_E_STATE;
+	}
+	if (set_int(fd, SOL_TCP, TCP_REPAIR, TCP_REPAIR_ON) < 0)
+		return TCPR_E_REPAIR_ON;
+	return TCPR_OK;
+}
+
+static int is_v4mapped(const struct in6_addr *a)
+{
+	return IN6_IS_ADDR_V4MAPPED(a);
+}
+
+static int dump_names(int fd, struct tcpr_state *st)
+{
+	struct sockaddr_storage src, dst;
+	socklen_t slen = sizeof(src), dlen = sizeof(dst);
+
+	if (getsockname(fd, (struct sockaddr *)&src, &slen) < 0 ||
+	    getpeername(fd, (struct sockaddr *)&dst, &dlen) < 0)
+		return TCPR_E_NAME;
+	st->family = src.ss_family;
+	if (src.ss_family == AF_INET) {
+		const struct sockaddr_in *s = (void *)&src, *d = (void *)&dst;
+		memcpy(st->src_addr, &s->sin_addr, 4);
+		memcpy(st->dst_addr, &d->sin_addr, 4);
+		st->src_port = ntohs(s->sin_port);
+		st->dst_port = ntohs(d->sin_port);
+	} else if (src.ss_family == AF_INET6) {
+		const struct sockaddr_in6 *s = (void *)&src, *d = (void *)&dst;
+		memcpy(st->src_addr, &s->sin6_addr, 16);
+		memcpy(st->dst_addr, &d->sin6_addr, 16);
+		st->src_port = ntohs(s->sin6_port);
+		st->dst_port = ntohs(d->sin6_port);
+		if (is_v4mapped(&s->sin6_addr))
+			st->flags |= TCPR_F_V4MAPPED;
+	} else {
+		errno = EAFNOSUPPORT;
+		return TCPR_E_FAMILY;
+	}
+	return TCPR_OK;
+}
+
+/* Select a repair queue, read its sequence number and peek its len bytes into buf. */
+static int dump_queue(int fd, int queue, uint32_t *seq, uint8_t *buf, uint32_t len)
+{
+	int val;
+	ssize_t got;
+
+	if (set_int(fd, SOL_TCP, TCP_REPAIR_QUEUE, queue) < 0)
+		return TCPR_E_QUEUE_SEL;
+	if (get_int(fd, SOL_TCP, TCP_QUEUE_SEQ, &val) < 0)
+		return TCPR_E_QUEUE_SEQ;
+	*seq = (uint32_t)val;
+	if (len == 0)
+		return TCPR_OK;
+	/* Ask for one byte more: a queue that changed since the ioctl is an error, not a
+	 * silently truncated dump. */
+	got = recv(fd, buf, (size_t)len + 1, MSG_PEEK | MSG_DONTWAIT);
+	if (got < 0)
+		return TCPR_E_PEEK;
+	if ((size_t)got != len) {
+		errno = EAGAIN;
+		return TCPR_E_PEEK;
+	}
+	return TCPR_OK;
+}
+
+static int dump_options(int fd, struct tcpr_state *st)
+{
+	int v, mapped_or_v4 = st->family == AF_INET || (st->flags & TCPR_F_V4MAPPED);
+	socklen_t len;
+
+	if (get_int(fd, SOL_TCP, TCP_NODELAY, &v) < 0)
+		return TCPR_E_SOCKOPT;
+	if (v)
+		st->flags |= TCPR_F_NODELAY;
+	if (get_int(fd, SOL_TCP, TCP_CORK, &v) < 0)
+		return TCPR_E_SOCKOPT;
+	if (v)
+		st->flags |= TCPR_F_CORK;
+	if (get_int(fd, SOL_SOCKET, SO_KEEPALIVE, &v) < 0)
+		return TCPR_E_SOCKOPT;
+	if (v)
+		st->flags |= TCPR_F_KEEPALIVE;
+	if (get_int(fd, SOL_TCP, TCP_KEEPIDLE, &st->keepidle) < 0 ||
+	    get_int(fd, SOL_TCP, TCP_KEEPINTVL, &st->keepintvl) < 0 ||
+	    get_int(fd, SOL_TCP, TCP_KEEPCNT, &st->keepcnt) < 0 ||
+	    get_int(fd, SOL_TCP, TCP_USER_TIMEOUT, &v) < 0)
+		return TCPR_E_SOCKOPT;
+	st->user_timeout = (uint32_t)v;
+	if (get_int(fd, SOL_SOCKET, SO_SNDBUF, &st->sndbuf) < 0 ||
+	    get_int(fd, SOL_SOCKET, SO_RCVBUF, &st->rcvbuf) < 0 ||
+	    get_int(fd, SOL_SOCKET, SO_BUF_LOCK, &st->buf_lock) < 0 ||
+	    get_int(fd, SOL_SOCKET, SO_MARK, &v) < 0)
+		return TCPR_E_SOCKOPT;
+	st->mark = (uint32_t)v;
+	len = sizeof(st->congestion);
+	if (getsockopt(fd, SOL_TCP, TCP_CONGESTION, st->congestion, &len) < 0)
+		return TCPR_E_SOCKOPT;
+	st->congestion[sizeof(st->congestion) - 1] = '\0';
+	if (mapped_or_v4) {
+		if (get_int(fd, SOL_IP, IP_TOS, &st->tos) < 0 ||
+		    get_int(fd, SOL_IP, IP_TTL, &st->ttl) < 0)
+			return TCPR_E_SOCKOPT;
+	} else {
+		if (get_int(fd, SOL_IPV6, IPV6_TCLASS, &st->tos) < 0 ||
+		    get_int(fd, SOL_IPV6, IPV6_UNICAST_HOPS, &st->ttl) < 0)
+			return TCPR_E_SOCKOPT;
+	}
+	v = fcntl(fd, F_GETFL);
+	if (v < 0)
+		return TCPR_E_SOCKOPT;
+	if (v & O_NONBLOCK)
+		st->flags |= TCPR_F_NONBLOCK;
+	return TCPR_OK;
+}
+
+int tcpr_dump(int fd, struct tcpr_state *st, uint8_t **queues)
+{
+	struct tcp_info ti;
+	struct tcp_repair_window win;
+	socklen_t len;
+	int inq, outq, unsent, v, rc;
+	uint8_t *buf = NULL;
+
+	*queues = NULL;
+	if (st->size < sizeof(*st))
+		return TCPR_E_VERSION;
+	memset(st, 0, sizeof(*st));
+	st->version = TCPR_STATE_VERSION;
+	st->size = sizeof(*st);
+
+	len = sizeof(ti);
+	memset(&ti, 0, sizeof(ti));
+	if (getsockopt(fd, SOL_TCP, TCP_INFO, &ti, &len) < 0)
+		return errno == ENOTSOCK ? TCPR_E_NOT_SOCKET : TCPR_E_INFO;
+	st->tcp_state = ti.tcpi_state;
+	if (!repairable_state(ti.tcpi_state)) {
+		errno = EINVAL;
+		return TCPR_E_STATE;
+	}
+	if (ti.tcpi_options & TCPI_OPT_TIMESTAMPS)
+		st->flags |= TCPR_F_TIMESTAMP;
+	if (ti.tcpi_options & TCPI_OPT_SACK)
+		st->flags |= TCPR_F_SACK;
+	if (ti.tcpi_options & TCPI_OPT_WSCALE) {
+		st->flags |= TCPR_F_WSCALE;
+		st->snd_wscale = ti.tcpi_snd_wscale;
+		st->rcv_wscale = ti.tcpi_rcv_wscale;
+	}
+	rc = dump_names(fd, st);
+	if (rc)
+		return rc;
+
+	if (ioctl(fd, SIOCINQ, &inq) < 0 || ioctl(fd, SIOCOUTQ, &outq) < 0 ||
+	    ioctl(fd, SIOCOUTQNSD, &unsent) < 0)
+		return TCPR_E_QUEUE_LEN;
+	if (inq < 0 || outq < 0 || unsent < 0 || unsent > outq) {
+		errno = EINVAL;
+		return TCPR_E_QUEUE_LEN;
+	}
+	st->inq_len = (uint32_t)inq;
+	st->outq_len = (uint32_t)outq;
+	st->unsent_len = (uint32_t)unsent;
+	if (inq + (size_t)outq > 0) {
+		/* One extra byte so each peek can detect a queue that grew. */
+		buf = malloc((size_t)inq + (size_t)outq + 1);
+		if (!buf) {
+			errno = ENOMEM;
+			return TCPR_E_NOMEM;
+		}
+	}
+	rc = dump_queue(fd, TCP_RECV_QUEUE, &st->rcv_seq, buf, st->inq_len);
+	if (!rc)
+		rc = dump_queue(fd, TCP_SEND_QUEUE, &st->snd_seq, buf ? buf + inq : NULL,
+				st->outq_len);
+	if (rc)
+		goto fail;
+
+	rc = TCPR_E_MSS;
+	if (get_int(fd, SOL_TCP, TCP_MAXSEG, &v) < 0)
+		goto fail;
+	st->mss_clamp = (uint32_t)v;
+	if (st->flags & TCPR_F_TIMESTAMP) {
+		rc = TCPR_E_TIMESTAMP;
+		if (get_int(fd, SOL_TCP, TCP_TIMESTAMP, &v) < 0)
+			goto fail;
+		st->ts_val = (uint32_t)v;
+	}
+	rc = TCPR_E_WINDOW;
+	len = sizeof(win);
+	if (getsockopt(fd, SOL_TCP, TCP_REPAIR_WINDOW, &win, &len) < 0)
+		goto fail;
+	st->flags |= TCPR_F_WINDOW;
+	st->snd_wl1 = win.snd_wl1;
+	st->snd_wnd = win.snd_wnd;
+	st->max_window = win.max_window;
+	st->rcv_wnd = win.rcv_wnd;
+	st->rcv_wup = win.rcv_wup;
+
+	rc = dump_options(fd, st);
+	if (rc)
+		goto fail;
+	*queues = buf;
+	return TCPR_OK;
+fail:
+	v = errno;
+	free(buf);
+	errno = v;
+	return rc;
+}
+
+static int check_state(const struct tcpr_state *st)
+{
+	if (st->version != TCPR_STATE_VERSION || st->size != sizeof(*st))
+		return TCPR_E_VERSION;
+	if ((st->family != AF_INET && st->family != AF_INET6) || (st->flags & ~TCPR_F_ALL) ||
+	    !repairable_state((uint8_t)st->tcp_state) || st->unsent_len > st->outq_len ||
+	    st->src_port == 0 || st->dst_port == 0 || st->mss_clamp == 0 ||
+	    st->snd_wscale > 14 || st->rcv_wscale > 14 || st->outq_len > INT32_MAX / 2 ||
+	    st->inq_len > INT32_MAX / 2 || memchr(st->congestion, 0, sizeof(st->congestion)) == NULL)
+		return TCPR_E_INVALID;
+	return TCPR_OK;
+}
+
+static socklen_t make_addr(const struct tcpr_state *st, const uint8_t *addr, uint16_t port,
+			   struct sockaddr_storage *ss)
+{
+	memset(ss, 0, sizeof(*ss));
+	if (st->family == AF_INET) {
+		struct sockaddr_in *s = (void *)ss;
+		s->sin_family = AF_INET;
+		s->sin_port = htons(port);
+		memcpy(&s->sin_addr, addr, 4);
+		return sizeof(*s);
+	}
+	struct sockaddr_in6 *s6 = (void *)ss;
+	s6->sin6_family = AF_INET6;
+	s6->sin6_port = htons(port);
+	memcpy(&s6->sin6_addr, addr, 16);
+	return sizeof(*s6);
+}
+
+/* Write a queue in repair mode. Non-blocking: a full buffer is an error, not a hang. */
+static int replay(int fd, const uint8_t *data, uint32_t len)
+{
+	while (len > 0) {
+		ssize_t n = send(fd, data, len, MSG_DONTWAIT | MSG_NOSIGNAL);
+		if (n < 0)
+			return -1;
+		if (n == 0) {
+			errno = ENOBUFS;
+			return -1;
+		}
+		data += n;
+		len -= (uint32_t)n;
+	}
+	return 0;
+}
+
+/* Buffer large enough for the replayed queue: max(old, 1.25 x queue + 64 KiB). The kernel
+ * doubles what it is given, and getsockopt reports the doubled value. */
+static int buf_for(int32_t old, uint32_t queue)
+{
+	uint64_t need = (uint64_t)queue + queue / 4 + 65536;
+	uint64_t have = old > 0 ? (uint64_t)old : 0;
+	uint64_t want = need > have ? need : have;
+	if (want > INT32_MAX)
+		want = INT32_MAX;
+	return (int)((want + 1) / 2);
+}
+
+static int restore_options(int fd, const struct tcpr_state *st)
+{
+	int v4 = st->family == AF_INET || (st->flags & TCPR_F_V4MAPPED);
+
+	if ((st->flags & TCPR_F_NODELAY) && set_int(fd, SOL_TCP, TCP_NODELAY, 1) < 0)
+		return TCPR_E_SOCKOPT;
+	if ((st->flags & TCPR_F_CORK) && set_int(fd, SOL_TCP, TCP_CORK, 1) < 0)
+		return TCPR_E_SOCKOPT;
+	if ((st->flags & TCPR_F_KEEPALIVE) && set_int(fd, SOL_SOCKET, SO_KEEPALIVE, 1) < 0)
+		return TCPR_E_SOCKOPT;
+	if (st->keepidle != DEF_KEEPIDLE && set_int(fd, SOL_TCP, TCP_KEEPIDLE, st->keepidle) < 0)
+		return TCPR_E_SOCKOPT;
+	if (st->keepintvl != DEF_KEEPINTVL &&
+	    set_int(fd, SOL_TCP, TCP_KEEPINTVL, st->keepintvl) < 0)
+		return TCPR_E_SOCKOPT;
+	if (st->keepcnt != DEF_KEEPCNT && set_int(fd, SOL_TCP, TCP_KEEPCNT, st->keepcnt) < 0)
+		return TCPR_E_SOCKOPT;
+	if (st->user_timeout &&
+	    set_int(fd, SOL_TCP, TCP_USER_TIMEOUT, (int)st->user_timeout) < 0)
+		return TCPR_E_SOCKOPT;
+	if (st->mark && set_int(fd, SOL_SOCKET, SO_MARK, (int)st->mark) < 0)
+		return TCPR_E_SOCKOPT;
+	if (st->congestion[0] &&
+	    setsockopt(fd, SOL_TCP, TCP_CONGESTION, st->congestion, strlen(st->congestion)) < 0)
+		return TCPR_E_SOCKOPT;
+	if (st->tos && set_int(fd, v4 ? SOL_IP : SOL_IPV6, v4 ? IP_TOS : IPV6_TCLASS, st->tos) < 0)
+		return TCPR_E_SOCKOPT;
+	if (st->ttl > 0 && st->ttl != DEF_TTL &&
+	    set_int(fd, v4 ? SOL_IP : SOL_IPV6, v4 ? IP_TTL : IPV6_UNICAST_HOPS, st->ttl) < 0)
+		return TCPR_E_SOCKOPT;
+	if ((st->flags & TCPR_F_NONBLOCK)) {
+		int fl = fcntl(fd, F_GETFL);
+		if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
+			return TCPR_E_SOCKOPT;
+	}
+	return TCPR_OK;
+}
+
+static int restore_into(int fd, const struct tcpr_state *st, const uint8_t *queues)
+{
+	struct sockaddr_storage src, dst;
+	socklen_t slen, dlen;
+	struct tcp_repair_opt opts[4];
+	unsigned nopts = 0;
+	const uint8_t *inq = queues, *outq = queues ? queues + st->inq_len : NULL;
+	uint32_t sent_len = st->outq_len - st->unsent_len;
+	int rc;
+
+	if (set_int(fd, SOL_TCP, TCP_REPAIR, TCP_REPAIR_ON) < 0)
+		return TCPR_E_REPAIR_ON;
+	/* Queue sequence numbers can only be set before connect(). */
+	if (set_int(fd, SOL_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE) < 0)
+		return TCPR_E_QUEUE_SEL;
+	if (set_int(fd, SOL_TCP, TCP_QUEUE_SEQ, (int)(st->rcv_seq - st->inq_len)) < 0)
+		return TCPR_E_QUEUE_SEQ;
+	if (set_int(fd, SOL_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE) < 0)
+		return TCPR_E_QUEUE_SEL;
+	if (set_int(fd, SOL_TCP, TCP_QUEUE_SEQ, (int)(st->snd_seq - st->outq_len)) < 0)
+		return TCPR_E_QUEUE_SEQ;
+
+	/* The address may arrive on this device only after the socket is built. */
+	if (set_int(fd, SOL_IP, IP_FREEBIND, 1) < 0)
+		return TCPR_E_BIND;
+	slen = make_addr(st, st->src_addr, st->src_port, &src);
+	dlen = make_addr(st, st->dst_addr, st->dst_port, &dst);
+	if (bind(fd, (struct sockaddr *)&src, slen) < 0)
+		return TCPR_E_BIND;
+	if (connect(fd, (struct sockaddr *)&dst, dlen) < 0)
+		return TCPR_E_CONNECT;
+
+	opts[nopts].opt_code = TCPOPT_MAXSEG;
+	opts[nopts++].opt_val = st->mss_clamp;
+	if (st->flags & TCPR_F_WSCALE) {
+		opts[nopts].opt_code = TCPOPT_WINDOW;
+		opts[nopts++].opt_val = st->snd_wscale + ((uint32_t)st->rcv_wscale << 16);
+	}
+	if (st->flags & TCPR_F_SACK) {
+		opts[nopts].opt_code = TCPOPT_SACK_PERMITTED;
+		opts[nopts++].opt_val = 0;
+	}
+	if (st->flags & TCPR_F_TIMESTAMP) {
+		opts[nopts].opt_code = TCPOPT_TIMESTAMP;
+		opts[nopts++].opt_val = 0;
+	}
+	if (setsockopt(fd, SOL_TCP, TCP_REPAIR_OPTIONS, opts, nopts * sizeof(opts[0])) < 0)
+		return TCPR_E_OPTIONS;
+	if ((st->flags & TCPR_F_TIMESTAMP) &&
+	    set_int(fd, SOL_TCP, TCP_TIMESTAMP, (int)st->ts_val) < 0)
+		return TCPR_E_TIMESTAMP;
+
+	/* A repair-mode send into a too-small buffer would block forever. */
+	if (set_int(fd, SOL_SOCKET, SO_SNDBUFFORCE, buf_for(st->sndbuf, st->outq_len)) < 0 ||
+	    set_int(fd, SOL_SOCKET, SO_RCVBUFFORCE, buf_for(st->rcvbuf, st->inq_len)) < 0)
+		return TCPR_E_BUF;
+	/* Forcing sizes pins them; give autotuning back unless the user had pinned them. */
+	if ((st->buf_lock & SOCK_BUF_LOCK_MASK) != SOCK_BUF_LOCK_MASK &&
+	    set_int(fd, SOL_SOCKET, SO_BUF_LOCK, st->buf_lock & SOCK_BUF_LOCK_MASK) < 0)
+		return TCPR_E_BUF;
+
+	if (st->inq_len) {
+		if (set_int(fd, SOL_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE) < 0)
+			return TCPR_E_QUEUE_SEL;
+		if (replay(fd, inq, st->inq_len) < 0)
+			return TCPR_E_RECVQ;
+	}
+	/* The window can only be set once rcv_nxt is where the receive queue left it. */
+	if (st->flags & TCPR_F_WINDOW) {
+		struct tcp_repair_window win = {
+			.snd_wl1 = st->snd_wl1,
+			.snd_wnd = st->snd_wnd,
+			.max_window = st->max_window,
+			.rcv_wnd = st->rcv_wnd,
+			.rcv_wup = st->rcv_wup,
+		};
+		if (setsockopt(fd, SOL_TCP, TCP_REPAIR_WINDOW, &win, sizeof(win)) < 0)
+			return TCPR_E_WINDOW;
+	}
+	if (sent_len) {
+		if (set_int(fd, SOL_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE) < 0)
+			return TCPR_E_QUEUE_SEL;
+		if (replay(fd, outq, sent_len) < 0)
+			return TCPR_E_SENDQ;
+	}
+	rc = restore_options(fd, st);
+	return rc;
+}
+
+int tcpr_restore(const struct tcpr_state *st, const uint8_t *queues, int *fd_out)
+{
+	int fd, rc, saved;
+
+	*fd_out = -1;
+	rc = check_state(st);
+	if (rc) {
+		errno = EINVAL;
+		return rc;
+	}
+	if ((st->inq_len || st->outq_len) && !queues) {
+		errno = EINVAL;
+		return TCPR_E_INVALID;
+	}
+	fd = socket(st->family, SOCK_STREAM | SOCK_CLOEXEC, IPPROTO_TCP);
+	if (fd < 0)
+		return TCPR_E_SOCKET;
+	rc = restore_into(fd, st, queues);
+	if (rc) {
+		/* Still in repair mode (or never connected): closing sends nothing. */
+		saved = errno;
+		close(fd);
+		errno = saved;
+		return rc;
+	}
+	*fd_out = fd;
+	return TCPR_OK;
+}
+
+int tcpr_activate(int fd, const uint8_t *unsent, size_t len)
+{
+	if (set_int(fd, SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF) < 0)
+		return TCPR_E_REPAIR_OFF;
+	while (len > 0) {
+		ssize_t n = send(fd, unsent, len, MSG_DONTWAIT | MSG_NOSIGNAL);
+		if (n <= 0) {
+			if (n == 0)
+				errno = ENOBUFS;
+			return TCPR_E_UNSENT;
+		}
+		unsent += n;
+		len -= (size_t)n;
+	}
+	return TCPR_OK;
+}
+
+int tcpr_resume(int fd)
+{
+	if (set_int(fd, SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF) < 0)
+		return TCPR_E_REPAIR_OFF;
+	return TCPR_OK;
+}
+
+int tcpr_release(int fd)
+{
+	/* Repair mode makes close() silent; a socket that is not frozen would send FIN/RST,
+	 * so one that cannot be frozen is left open for the caller to decide. */
+	if (set_int(fd, SOL_TCP, TCP_REPAIR, TCP_REPAIR_ON) < 0)
+		return TCPR_E_REPAIR_ON;
+	if (close(fd) < 0 && errno != EINTR)
+		return TCPR_E_CLOSE;
+	return TCPR_OK;
+}

@@ -1,0 +1,1 @@
+"""Compiled native helpers (cffi). Private: import the wrappers in sessmob.* instead."""
