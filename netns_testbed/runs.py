@@ -101,9 +101,14 @@ def process_start_time(pid: int) -> int | None:
             data = f.read()
     except (FileNotFoundError, ProcessLookupError):
         return None
+    return parse_stat_start_time(data)
+
+
+def parse_stat_start_time(data: bytes) -> int | None:
+    """Start time from the contents of /proc/<pid>/stat; None for a zombie."""
     # comm (field 2) may contain spaces and parentheses: split after the last ')'.
     fields = data[data.rindex(b")") + 2 :].split()
-    if fields[0] == b"Z":  # a zombie owns nothing any more
+    if fields[0] in (b"Z", b"X"):  # a zombie or dead task owns nothing any more
         return None
     return int(fields[19])  # field 22 overall
 

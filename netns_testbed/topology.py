@@ -371,6 +371,7 @@ def build_lan(prefix: str | None = None) -> Testbed:
     The session address (``Testbed.session_addr6/4``) is not added anywhere: whoever plays the
     exporting device adds it to ed.
     """
+    _install_hooks()  # before anything exists, so a SIGTERM during the build also cleans up
     prefix = runs.new_prefix() if prefix is None else runs.normalize_prefix(prefix)
     names = [prefix + _BRIDGE_NS, *(prefix + h.name for h in _LAN_HOSTS)]
     runs.create_record(prefix, "lan", names, os.getpid())

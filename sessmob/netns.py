@@ -40,7 +40,9 @@ def open_netns(name: str) -> int:
     try:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
-        raise NetnsError(e.errno, f"cannot open network namespace {name!r} ({path}): {e.strerror}") from e
+        raise NetnsError(
+            e.errno, f"cannot open network namespace {name!r} ({path}): {e.strerror}"
+        ) from e
 
 
 def setns(fd: int) -> None:
