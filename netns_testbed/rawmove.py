@@ -1,0 +1,212 @@
+"""The raw move: one TCP connection and its address from one device to another.
+
+Uses only the native TCP repair helper and pre-built netlink/announcement messages — no
+Relocation Manager — so its timings are the floor the RM is measured against.
+
+Order (the one that keeps a failed move recoverable, see docs/architecture.md):
+
+    isolate    remove the session address on the source device (arriving segments are
+               dropped from now on, so nothing is ACKed after the dump)   <- t_Mig starts
+    freeze     TCP_REPAIR on
+    dump       read the whole connection state
+    addr_add   add the address on the destination device (nodad)
+    restore    rebuild the socket there (repair mode)                     <- freeze→restored
+    activate   repair off, never-sent bytes go out
+    announce   unsolicited NA / gratuitous ARP from the destination       <- t_Mig ends
+    release    close the frozen source socket silently (after the commit point)
+
+Any failure before `activate` returns succeeds undoes what was done: the destination socket is
+dropped silently, the address goes back, the source socket resumes. Nothing is lost: the peer
+retransmits whatever it sent into the isolation.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+from sessmob import netns, tcp_repair
+from sessmob.net import neigh
+from sessmob.net.announce import Announcer
+from sessmob.net.rtnl import AddressMove, Rtnl
+
+from .topology import Testbed
+
+PHASES = ("isolate", "freeze", "dump", "addr_add", "restore", "activate", "announce")
+
+
+class MoveFailed(RuntimeError):
+    """A move failed and was rolled back: the connection runs on the source device again."""
+
+    def __init__(self, step: str, cause: BaseException) -> None:
+        self.step = step
+        self.cause = cause
+        super().__init__(f"move failed at {step}: {cause}; rolled back to the source device")
+
+
+@dataclass
+class MoveTiming:
+    """Durations of one move, in seconds, by phase (PHASES order) plus the totals."""
+
+    phases: dict[str, float] = field(default_factory=dict)
+    t_mig: float = 0.0  # start of isolation -> announcement sent
+    freeze_to_restored: float = 0.0  # start of freeze -> restored socket exists
+    release: float = 0.0  # after the commit point, outside t_Mig
+    queued_bytes: int = 0  # receive + send queue moved
+    announce_error: str | None = None  # the move succeeded, but the announcement failed
+
+
+@dataclass
+class _Device:
+    name: str
+    ns_fd: int
+    rtnl: Rtnl
+    addr: AddressMove
+    announcer: Announcer
+
+
+class RawMover:
+    """Moves the session address and one connection on it between `ed` and `id` of a lan.
+
+    Everything a move needs (netlink sockets, encoded messages, namespace fds, announcement
+    frames) is opened here, ahead of time; move() itself only makes syscalls.
+    """
+
+    def __init__(self, tb: Testbed, family: int, devices: tuple[str, ...] = ("ed", "id")) -> None:
+        self.tb = tb
+        self.family = family
+        if family == socket.AF_INET6:
+            self.addr, plen = tb.session_addr6, tb.session_prefixlen6
+            self.cn_addr = tb.hosts["cn"].addr6
+        else:
+            self.addr, plen = tb.session_addr4, tb.session_prefixlen4
+            self.cn_addr = tb.hosts["cn"].addr4
+        self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        self.devices: dict[str, _Device] = {}
+        try:
+            for name in devices:
+                host = tb.hosts[name]
+                rtnl = Rtnl.open(host.netns)
+                self.devices[name] = _Device(
+                    name=name,
+                    ns_fd=netns.open_netns(host.netns),
+                    rtnl=rtnl,
+                    addr=AddressMove(rtnl, host.ifindex, self.addr, plen),
+                    announcer=Announcer(host.netns, host.ifname, self.addr),
+                )
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for dev in self.devices.values():
+            dev.announcer.close()
+            dev.rtnl.close()
+            os.close(dev.ns_fd)
+        self.devices.clear()
+        if self._home >= 0:
+            os.close(self._home)
+            self._home = -1
+
+    def __enter__(self) -> RawMover:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def place(self, device: str) -> None:
+        """Put the session address on `device` (set-up, not a move)."""
+        self.devices[device].addr.add()
+
+    def prepare(self, dst: str) -> None:
+        """Work that belongs before the freeze: the destination knows the CN's MAC."""
+        host = self.tb.hosts[dst]
+        neigh.resolve(host.netns, host.ifname, self.cn_addr)
+
+    def move(
+        self,
+        sock: socket.socket,
+        src: str,
+        dst: str,
+        *,
+        fail_at: str | None = None,
+    ) -> tuple[socket.socket, MoveTiming]:
+        """Move `sock` (a connection on the session address) from `src` to `dst`.
+
+        Returns the new socket (active, in dst's namespace) and the timings. On failure raises
+        MoveFailed after rolling back; `fail_at` names a phase at which to fail on purpose
+        (fault injection for tests of the rollback path).
+        """
+        if fail_at is not None and fail_at not in PHASES[: PHASES.index("activate") + 1]:
+            raise ValueError(f"fail_at must name a phase up to 'activate', not {fail_at!r}")
+        s, d = self.devices[src], self.devices[dst]
+        clock = time.perf_counter
+        done: list[str] = []
+        new: socket.socket | None = None
+        announce_error: str | None = None
+        marks = [clock()]
+        step = PHASES[0]
+        try:
+            for step in PHASES:
+                if step == fail_at:
+                    raise RuntimeError(f"injected failure at {step}")
+                if step == "isolate":
+                    s.addr.delete()
+                elif step == "freeze":
+                    tcp_repair.freeze(sock)
+                elif step == "dump":
+                    snap = tcp_repair.dump(sock)
+                elif step == "addr_add":
+                    d.addr.add()
+                elif step == "restore":
+                    netns.setns(d.ns_fd)
+                    try:
+                        new = tcp_repair.restore(snap)
+                    finally:
+                        netns.setns(self._home)
+                elif step == "activate":
+                    tcp_repair.activate(new)  # type: ignore[arg-type]
+                elif step == "announce":
+                    try:
+                        d.announcer.send()
+                    except OSError as e:
+                        # Past the commit point the destination owns the connection; the
+                        # peer then finds the address by neighbour discovery instead.
+                        announce_error = str(e)
+                done.append(step)
+                marks.append(clock())
+        except BaseException as e:
+            self._rollback(sock, new, done, s, d)
+            raise MoveFailed(step, e) from e
+        t_release = clock()
+        tcp_repair.release(sock)
+        timing = MoveTiming(
+            phases={p: marks[i + 1] - marks[i] for i, p in enumerate(PHASES)},
+            t_mig=marks[-1] - marks[0],
+            freeze_to_restored=marks[PHASES.index("restore") + 1] - marks[1],
+            release=clock() - t_release,
+            queued_bytes=snap.inq_len + snap.outq_len,
+            announce_error=announce_error,
+        )
+        assert new is not None
+        return new, timing
+
+    def _rollback(
+        self,
+        sock: socket.socket,
+        new: socket.socket | None,
+        done: list[str],
+        s: _Device,
+        d: _Device,
+    ) -> None:
+        """Undo the steps in `done`, newest first, leaving the connection on the source."""
+        if new is not None:
+            tcp_repair.release(new)
+        if "addr_add" in done:
+            d.addr.delete()
+        if "isolate" in done:
+            s.addr.add()
+        if "freeze" in done:
+            tcp_repair.resume(sock)
