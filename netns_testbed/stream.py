@@ -486,7 +486,7 @@ class StreamEndpoint:
                 except (BlockingIOError, InterruptedError):
                     n = -1
                 except OSError as e:
-                    self._set_error(_sock_error("recv", e, writer.offset, checker.offset))
+                    self._set_error(_sock_error(sock, "recv", e, writer.offset, checker.offset))
                     return
                 if n == 0:
                     self._eof = True  # keep sending until finish; then FIN and stop
@@ -512,16 +512,21 @@ class StreamEndpoint:
                 except (BlockingIOError, InterruptedError):
                     sent = 0
                 except OSError as e:
-                    self._set_error(_sock_error("send", e, writer.offset, checker.offset))
+                    self._set_error(_sock_error(sock, "send", e, writer.offset, checker.offset))
                     return
                 writer.advance(sent)
                 tokens -= sent
 
 
-def _sock_error(op: str, e: OSError, tx: int, rx: int) -> str:
+def _sock_error(sock: socket.socket, op: str, e: OSError, tx: int, rx: int) -> str:
+    """Describe a socket failure; a send after an RST says EPIPE, so ask SO_ERROR for the cause."""
+    code = e.errno or 0
+    if code == errno.EPIPE:
+        with contextlib.suppress(OSError):
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or code
     what = {
         errno.ECONNRESET: "connection reset by peer (RST)",
         errno.EPIPE: "broken pipe (peer closed)",
         errno.ETIMEDOUT: "connection timed out",
-    }.get(e.errno or 0, f"{e.strerror or e}")
-    return f"{op} failed after tx {tx} B / rx {rx} B: {what} [errno {e.errno}]"
+    }.get(code, os.strerror(code) if code else str(e))
+    return f"{op} failed after tx {tx} B / rx {rx} B: {what} [errno {code}]"
