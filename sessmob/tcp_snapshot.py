@@ -12,11 +12,9 @@ snapshot decoded from bytes (or dumped by the native helper) restores without co
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import struct
 from dataclasses import dataclass, fields
-from typing import Any
 
 MAGIC = b"SMTS"
 VERSION = 1
@@ -48,6 +46,7 @@ HEADER_V1 = struct.Struct(
 )
 
 _INT32_MAX = 2**31 - 1
+_V4MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 _CC_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789_-")
 
 
@@ -307,15 +306,13 @@ def _validate(s: TcpSnapshot, max_queue: int) -> None:
     u32 = 2**32 - 1
     if s.family not in (socket.AF_INET, socket.AF_INET6):
         raise SnapshotError(f"TCP snapshot family {s.family!r} is neither AF_INET nor AF_INET6")
+    want = 4 if s.family == socket.AF_INET else 6
     for what, addr in (("local", s.local_addr), ("remote", s.remote_addr)):
         try:
-            ip: Any = ipaddress.ip_address(addr)
-        except ValueError as e:
-            raise SnapshotError(f"TCP snapshot {what} address {addr!r}: {e}") from None
-        want = 4 if s.family == socket.AF_INET else 6
-        if ip.version != want:
-            raise SnapshotError(f"TCP snapshot {what} address {addr} is not IPv{want}")
-        mapped = want == 6 and ip.ipv4_mapped is not None
+            packed = socket.inet_pton(s.family, addr)
+        except (OSError, TypeError, ValueError):
+            raise SnapshotError(f"TCP snapshot {what} address {addr!r} is not IPv{want}") from None
+        mapped = want == 6 and packed[:12] == _V4MAPPED_PREFIX
         if mapped != bool(s.flags & F_V4MAPPED):
             raise SnapshotError(
                 f"TCP snapshot {what} address {addr} disagrees with the v4-mapped flag"
