@@ -258,9 +258,10 @@ def list_runs() -> list[RunRecord]:
             continue  # not ours or unreadable: never guess
         if rec is not None:
             runs[rec.prefix] = rec
+    recorded = list(runs)
     for ns in list_netns():
         m = _AUTO_NETNS_RE.match(ns)
-        if not m or m.group(1) in runs or any(netns_belongs_to(ns, p) for p in runs):
+        if not m or any(netns_belongs_to(ns, p) for p in recorded):
             continue
         prefix = m.group(1)
         orphan = runs.setdefault(
@@ -338,7 +339,7 @@ def delete_netns(name: str) -> None:
     """Unmount and unlink /run/netns/<name>. The kernel frees the namespace (and the veths in
     it) once nothing refers to it any more."""
     try:
-        _pr_netns.remove(name)
+        _pr_netns.remove(os.path.join(NETNS_DIR, name))
     except FileNotFoundError:
         pass
     except OSError as e:

@@ -327,8 +327,7 @@ def _write_sysctls(netns: str, values: dict[str, str]) -> None:
 def _iproute(netns: str) -> Iterator[IPRoute]:
     """An IPRoute whose socket lives in ``netns``; use it from this thread only."""
     with entered(netns):
-        ipr = IPRoute()
-        ipr.get_links()  # pyroute2 0.9 opens its socket lazily: force it while inside
+        ipr = IPRoute()  # the socket of *this thread* is opened here, inside netns
     try:
         yield ipr
     finally:
