@@ -31,6 +31,7 @@ from sessmob import netns, tcp_repair
 from sessmob.net import neigh
 from sessmob.net.announce import Announcer
 from sessmob.net.rtnl import AddressMove, Rtnl
+from sessmob.tcp_snapshot import TcpSnapshot
 
 from .topology import Testbed
 
@@ -132,12 +133,14 @@ class RawMover:
         dst: str,
         *,
         fail_at: str | None = None,
+        via_bytes: bool = False,
     ) -> tuple[socket.socket, MoveTiming]:
         """Move `sock` (a connection on the session address) from `src` to `dst`.
 
         Returns the new socket (active, in dst's namespace) and the timings. On failure raises
         MoveFailed after rolling back; `fail_at` names a phase at which to fail on purpose
-        (fault injection for tests of the rollback path).
+        (fault injection for tests of the rollback path). `via_bytes` sends the snapshot
+        through its byte form, as a transfer between devices would.
         """
         if fail_at is not None and fail_at not in PHASES[: PHASES.index("activate") + 1]:
             raise ValueError(f"fail_at must name a phase up to 'activate', not {fail_at!r}")
@@ -158,6 +161,8 @@ class RawMover:
                     tcp_repair.freeze(sock)
                 elif step == "dump":
                     snap = tcp_repair.dump(sock)
+                    if via_bytes:
+                        snap = TcpSnapshot.from_bytes(snap.to_bytes())
                 elif step == "addr_add":
                     d.addr.add()
                 elif step == "restore":

@@ -7,6 +7,7 @@ moves, then continued on the restored socket) against a CN peer process streamin
 
 from __future__ import annotations
 
+import contextlib
 import math
 import socket
 import time
@@ -93,14 +94,16 @@ class MovingStream:
             self.close()
             raise
 
-    def move(self, fail_at: str | None = None) -> MoveTiming:
+    def move(self, fail_at: str | None = None, via_bytes: bool = False) -> MoveTiming:
         """Move the connection to the other device; on failure it stays (and runs) here."""
         assert self.endpoint is not None
         dst = "id" if self.where == "ed" else "ed"
         self.mover.prepare(dst)
         self.endpoint.pause()
         try:
-            new, timing = self.mover.move(self.endpoint.socket, self.where, dst, fail_at=fail_at)
+            new, timing = self.mover.move(
+                self.endpoint.socket, self.where, dst, fail_at=fail_at, via_bytes=via_bytes
+            )
         except MoveFailed:
             self.endpoint.resume()
             raise
@@ -140,10 +143,15 @@ class MovingStream:
         return Finished(local, cn, CnCounters.between(self.counters_before, counters_after))
 
     def close(self) -> None:
+        """Stop both ends and take the session address away, so the testbed can be reused."""
         if self.endpoint is not None:
             self.endpoint.close()
         if self.peer is not None:
             self.peer.close()
+        dev = self.mover.devices.get(self.where)
+        if dev is not None:
+            with contextlib.suppress(OSError):
+                dev.addr.delete()
         self.mover.close()
 
     def __enter__(self) -> MovingStream:
