@@ -118,8 +118,11 @@ class RawMover:
         self.close()
 
     def place(self, device: str) -> None:
-        """Put the session address on `device` (set-up, not a move)."""
-        self.devices[device].addr.add()
+        """Put the session address on `device` (set-up, not a move) and announce it, so that
+        neighbours still holding another device's MAC for it (from earlier moves) update."""
+        dev = self.devices[device]
+        dev.addr.add()
+        dev.announcer.send()
 
     def prepare(self, dst: str) -> None:
         """Work that belongs before the freeze: the destination knows the CN's MAC."""
