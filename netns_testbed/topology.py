@@ -25,6 +25,7 @@ import atexit
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import signal
 import socket
@@ -44,6 +45,8 @@ from netns_testbed import runs
 from sessmob.netns import entered, socket_in
 
 IFA_F_NODAD = 0x02
+IFA_F_TENTATIVE = 0x40
+_BR_STATE_FORWARDING = 3
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -192,7 +195,7 @@ class Testbed:
         self._procs: list[subprocess.Popen[Any]] = []
         self._lock = threading.Lock()
         self._down = False
-        self._owned = True
+        self._pid = os.getpid()
         with _live_lock:
             _live.add(self)
         _install_hooks()
@@ -246,12 +249,17 @@ class Testbed:
         """Leave the run up after this process exits, owned by ``owner_pid`` (the ``up`` CLI
         hands it to the calling shell); ``down`` removes it once that process is gone."""
         runs.set_owner(self.prefix, owner_pid)
-        self._owned = False
         with _live_lock:
             _live.discard(self)
 
     def teardown(self) -> None:
-        """Kill tracked and stray processes, delete the namespaces and the run record."""
+        """Kill tracked and stray processes, delete the namespaces and the run record.
+
+        Does nothing in a forked child: its exit (atexit, `with`) must not take the parent's
+        testbed down.
+        """
+        if os.getpid() != self._pid:
+            return
         with self._lock:
             if self._down:
                 return
@@ -339,6 +347,57 @@ def _ifindex(ipr: IPRoute, ifname: str, netns: str) -> int:
     if not idx:
         raise TestbedError(f"[{netns}] interface {ifname!r} not found")
     return int(idx[0])
+
+
+def _solicited_node_group(addr6: str) -> str:
+    """ff02::1:ffXX:XXXX of ``addr6`` as /proc/net/igmp6 spells it (32 hex digits)."""
+    return "ff0200000000000000000001ff" + socket.inet_pton(socket.AF_INET6, addr6)[13:].hex()
+
+
+def _host_ready(ipr: IPRoute, netns: str, ifindex: int, addr6: str) -> str | None:
+    """None if eth0 of ``netns`` can talk, else what is still missing (for the error)."""
+    link = ipr.get_links(ifindex)[0]
+    if link.get_attr("IFLA_OPERSTATE") != "UP":
+        return f"eth0 operstate {link.get_attr('IFLA_OPERSTATE')}"
+    addrs = ipr.get_addr(index=ifindex, family=socket.AF_INET6, address=addr6)
+    if not addrs:
+        return f"{addr6} missing"
+    flags = addrs[0].get_attr("IFA_FLAGS") or addrs[0]["flags"]
+    if flags & IFA_F_TENTATIVE:
+        return f"{addr6} tentative"
+    # The solicited-node group is joined from a workqueue; until then NS for addr6 are dropped.
+    group = _solicited_node_group(addr6)
+    with entered(netns), open("/proc/thread-self/net/igmp6") as f:
+        joined = any(line.split()[2] == group for line in f if line.split()[1] == "eth0")
+    return None if joined else f"solicited-node group of {addr6} not joined"
+
+
+def _bridge_ready(ipr: IPRoute, ports: list[str]) -> str | None:
+    """None once every port is UP and forwarding, else which one is not."""
+    state = {}
+    for link in ipr.get_links(family=socket.AF_BRIDGE):
+        info = link.get_attr("IFLA_PROTINFO")
+        state[link.get_attr("IFLA_IFNAME")] = (
+            link.get_attr("IFLA_OPERSTATE"),
+            info.get_attr("IFLA_BRPORT_STATE") if info is not None else None,
+        )
+    for port in ports:
+        if state.get(port) != ("UP", _BR_STATE_FORWARDING):
+            return f"bridge port {port} is {state.get(port)}"
+    return None
+
+
+def _wait_ready(checks: list[Callable[[], str | None]], deadline: float, what: str) -> None:
+    """Poll ``checks`` until all pass. Carrier, qdisc activation and bridge port state are
+    applied by the kernel's linkwatch work, which lags a few ms behind "link up" on a busy
+    machine; a neighbour solicitation sent before that is lost and costs a 1 s retransmit."""
+    while True:
+        missing = [m for m in (c() for c in checks) if m is not None]
+        if not missing:
+            return
+        if time.monotonic() >= deadline:
+            raise TestbedError(f"{what} not ready after build: {'; '.join(missing)}")
+        time.sleep(0.001)
 
 
 def _wait_reachable(src_ns: str, dst: str, family: int, deadline: float) -> None:
@@ -439,6 +498,14 @@ def _build_lan(tb: Testbed) -> None:
         )
 
     deadline = time.monotonic() + 5.0
+    with contextlib.ExitStack() as stack:
+        br_ipr = stack.enter_context(_iproute(br_ns))
+        ports = [h.name for h in _LAN_HOSTS]
+        checks: list[Callable[[], str | None]] = [functools.partial(_bridge_ready, br_ipr, ports)]
+        for host in tb.hosts.values():
+            ipr = stack.enter_context(_iproute(host.netns))
+            checks.append(functools.partial(_host_ready, ipr, host.netns, host.ifindex, host.addr6))
+        _wait_ready(checks, deadline, f"testbed {p}")
     cn, ed, idev = (tb.hosts[n] for n in ("cn", "ed", "id"))
     for src, dst in ((cn, ed), (cn, idev), (ed, idev)):
         _wait_reachable(src.netns, dst.addr6, socket.AF_INET6, deadline)

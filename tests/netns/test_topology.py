@@ -370,3 +370,26 @@ def test_library_user_killed_by_sigterm_tears_down() -> None:
             proc.wait()
         if prefix:
             runs.remove_run(prefix)
+
+
+def test_forked_child_exit_leaves_parents_testbed_alone() -> None:
+    code = (
+        "import os, sys\n"
+        "from netns_testbed import runs\n"
+        "from netns_testbed.topology import build_lan\n"
+        "tb = build_lan()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    tb.teardown()\n"
+        "    sys.exit(0)  # runs atexit in the child too\n"
+        "os.waitpid(pid, 0)\n"
+        "print(tb.prefix, len(runs.namespaces_with_prefix(tb.prefix)), flush=True)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    prefix, count = out.stdout.split()
+    assert count == "4"
+    assert _gone(prefix)  # the parent's own exit did tear down
