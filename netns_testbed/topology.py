@@ -301,7 +301,7 @@ def _create_namespaces(names: list[str]) -> None:
                     )
                     raise exc_type(f"unshare(CLONE_NEWNET) for {name!r} failed: {os.strerror(err)}")
                 try:
-                    _pr_netns.attach(name, "thread-self")
+                    _pr_netns.attach(os.path.join(runs.NETNS_DIR, name), "thread-self")
                 except OSError as e:
                     if e.errno in (errno.EPERM, errno.EACCES):
                         raise TestbedUnavailable(f"cannot create namespace {name!r}: {e}") from e
@@ -318,7 +318,8 @@ def _create_namespaces(names: list[str]) -> None:
 
 def _write_sysctls(netns: str, values: dict[str, str]) -> None:
     """Write /proc/sys/net values of ``netns``: /proc/sys/net follows the *calling thread's*
-    namespace, so a thread inside the namespace suffices (verified; /proc/net does not)."""
+    namespace, so a thread inside the namespace suffices (verified). /proc/net does *not*: it
+    follows the process's main thread; use /proc/thread-self/net from other threads."""
     with entered(netns):
         for key, value in values.items():
             path = f"/proc/sys/{key}"
