@@ -210,11 +210,18 @@ class StreamResult:
 
 
 class StreamEndpoint:
-    """One end of a bidirectional verified stream on a connected TCP socket.
+    """One end of a bidirectional verified stream on a connected TCP socket (made non-blocking).
 
     rate: bytes/s to send; None = saturated (as fast as the socket accepts); 0 = send nothing
     (still receive and verify). Paced sending uses a token bucket and select() timeouts with
-    microsecond resolution, so at 10 MB/s with 4 KiB chunks the sends are ~0.4 ms apart.
+    microsecond resolution, so at 10 MB/s with 4 KiB chunks the sends are ~0.4 ms apart. A
+    sender paced at sub-millisecond ticks reads on those ticks rather than on every arriving
+    segment: each thread wake-up costs ~45 µs of CPU on the test VM, so wake-ups are the cost
+    that counts (a bigger `chunk` halves it, at the price of coarser pacing).
+
+    The worker never dies silently: a mismatch, a socket error (RST, EPIPE) or a crash ends it
+    and is kept in `stats.error`; finish() raises it. A peer's EOF alone is not an error (the
+    peer may finish first); totals are compared across both ends (see cnpeer.finish_pair).
     """
 
     def __init__(

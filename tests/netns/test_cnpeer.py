@@ -77,7 +77,8 @@ SCENARIOS = {
     # name: (family of the client socket, CN listen addr, CN family, dualstack, connect addr)
     "v6": (socket.AF_INET6, V6_B, socket.AF_INET6, False, V6_B),
     "v4": (socket.AF_INET, V4_B, socket.AF_INET, False, V4_B),
-    "v4mapped": (socket.AF_INET, "::", socket.AF_INET6, True, V4_B),
+    "v4mapped": (socket.AF_INET, "::", socket.AF_INET6, True, V4_B),  # dual-stack CN socket
+    "v4mapped-client": (socket.AF_INET6, V4_B, socket.AF_INET, False, "::ffff:" + V4_B),
 }
 
 
@@ -106,6 +107,7 @@ def _connect(pair: Pair, scenario: str, cn_rate: float | None) -> tuple[CnPeer, 
         ("v4", RATE, RATE),
         ("v4", None, None),
         ("v4mapped", RATE, RATE),
+        ("v4mapped-client", RATE, None),
     ],
     ids=[
         "v6-paced",
@@ -115,6 +117,7 @@ def _connect(pair: Pair, scenario: str, cn_rate: float | None) -> tuple[CnPeer, 
         "v4-paced",
         "v4-saturated",
         "v4mapped-paced",
+        "v4mapped-client-paced-vs-sat",
     ],
 )
 def test_bidirectional_stream_with_pause(
