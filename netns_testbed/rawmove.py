@@ -5,8 +5,10 @@ Relocation Manager — so its timings are the floor the RM is measured against.
 
 Order (the one that keeps a failed move recoverable, see docs/architecture.md):
 
-    isolate    remove the session address on the source device (arriving segments are
-               dropped from now on, so nothing is ACKed after the dump)   <- t_Mig starts
+    isolate    remove the session address on the source device: arriving segments are
+               dropped from now on (nothing is ACKed after the dump), and the output guard
+               installed at set-up (sessmob.net.isolation) keeps the frozen socket from
+               sending anything more                                      <- t_Mig starts
     freeze     TCP_REPAIR on
     dump       read the whole connection state
     addr_add   add the address on the destination device (nodad)
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 from sessmob import netns, tcp_repair
 from sessmob.net import neigh
 from sessmob.net.announce import Announcer
+from sessmob.net.isolation import install_output_guard
 from sessmob.net.rtnl import AddressMove, Rtnl
 from sessmob.tcp_snapshot import TcpSnapshot
 
@@ -89,6 +92,7 @@ class RawMover:
         try:
             for name in devices:
                 host = tb.hosts[name]
+                install_output_guard(host.netns, [self.addr])
                 rtnl = Rtnl.open(host.netns)
                 self.devices[name] = _Device(
                     name=name,
