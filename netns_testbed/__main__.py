@@ -4,6 +4,7 @@ up [TOPOLOGY] [--prefix P] [--hold] [-j]   build (default: lan) and print hosts/
 down [PREFIX ...] [--all]                  remove runs (default: stale runs and orphans)
 list [-j]                                  show runs and whether their owner is alive
 exec PREFIX HOST -- CMD ...                run CMD inside a host's namespace
+demo [--moves N] [--kind K] [--rate MB/s]   move a live verified stream ed <-> id, print timings
 bench ...                                  benchmarks (netns_testbed.bench)
 """
 
@@ -182,17 +183,14 @@ def cmd_exec(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
-def cmd_bench(argv: list[str]) -> int:
+def cmd_delegate(module: str, argv: list[str]) -> int:
+    """Hand the rest of the command line to `module.main(argv)` (demo, bench)."""
     try:
-        bench = importlib.import_module("netns_testbed.bench")
+        mod = importlib.import_module(module)
     except ImportError as e:
-        print(f"error: benchmarks are not available (netns_testbed.bench: {e})", file=sys.stderr)
+        print(f"error: {module} is not available: {e}", file=sys.stderr)
         return 2
-    if not hasattr(bench, "main"):
-        print("error: netns_testbed.bench has no main(argv)", file=sys.stderr)
-        return 2
-    rc = bench.main(argv)
-    return int(rc or 0)
+    return int(mod.main(argv) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=cmd_exec)
 
     sub.add_parser(
+        "demo",
+        help="move a live verified TCP stream between ed and id (see 'demo --help')",
+        add_help=False,
+        description="Dispatched to netns_testbed.demo.",
+    )
+    sub.add_parser(
         "bench",
         help="run benchmarks (see 'bench --help')",
         add_help=False,
@@ -261,10 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DELEGATED = {"demo": "netns_testbed.demo", "bench": "netns_testbed.bench"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list and args_list[0] == "bench":
-        return cmd_bench(args_list[1:])
+    if args_list and args_list[0] in DELEGATED:
+        return cmd_delegate(DELEGATED[args_list[0]], args_list[1:])
     parser = build_parser()
     args = parser.parse_args(args_list)
     try:

@@ -59,8 +59,13 @@ def entered(name_or_fd: str | int) -> Iterator[None]:
     Accepts a namespace name or an fd from open_netns(). The thread's original namespace is
     restored on exit, also when the block raises.
     """
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     target = open_netns(name_or_fd) if isinstance(name_or_fd, str) else name_or_fd
+    try:
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        if isinstance(name_or_fd, str):
+            os.close(target)
+        raise
     try:
         setns(target)
         try:
