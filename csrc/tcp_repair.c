@@ -80,7 +80,7 @@ static int set_int(int fd, int level, int name, int val)
 	return setsockopt(fd, level, name, &val, sizeof(val));
 }
 
-static int repairable_state(uint8_t state)
+static int repairable_state(uint32_t state)
 {
 	return state == TCP_ESTABLISHED;
 }
@@ -326,7 +326,7 @@ static int check_state(const struct tcpr_state *st)
 	if (st->version != TCPR_STATE_VERSION || st->size != sizeof(*st))
 		return TCPR_E_VERSION;
 	if ((st->family != AF_INET && st->family != AF_INET6) || (st->flags & ~TCPR_F_ALL) ||
-	    !repairable_state((uint8_t)st->tcp_state) || st->unsent_len > st->outq_len ||
+	    !repairable_state(st->tcp_state) || st->unsent_len > st->outq_len ||
 	    st->src_port == 0 || st->dst_port == 0 || st->mss_clamp == 0 ||
 	    st->snd_wscale > 14 || st->rcv_wscale > 14 || st->outq_len > INT32_MAX / 2 ||
 	    st->inq_len > INT32_MAX / 2 || memchr(st->congestion, 0, sizeof(st->congestion)) == NULL)
