@@ -5,7 +5,9 @@ parsing. Inside the freeze window the only work that must happen is the kernel's
 `AddressMove` encodes its RTM_NEWADDR / RTM_DELADDR messages once, at construction, and
 its `add()` / `delete()` are one `send()` of those bytes plus one `recv()` of the ACK, which is
 compared byte for byte with the ACK the kernel is known to produce for it. Only an unexpected
-reply (an error, a stale message) is parsed.
+reply (an error, a stale message) is parsed. An IPv6 add also waits until the kernel, which
+inserts the address's local route asynchronously, really delivers packets to it (see
+LocalRouteEvents); docs/net-fast-path.md has the measurements.
 
 `Rtnl` is one NETLINK_ROUTE socket opened inside a namespace at set-up time and kept open: a
 socket keeps its namespace for life, so later calls need no setns(). It is not thread-safe; give
@@ -76,8 +78,8 @@ NLMSGERR = struct.Struct("=i")  # error, followed by the request's nlmsghdr
 IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
 NLATTR = struct.Struct("=HH")  # len, type
-RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type,
-#                                     flags
+# family, dst_len, src_len, tos, table, protocol, scope, type, flags
+RTMSG = struct.Struct("=BBBBBBBBI")
 
 # classic BPF, <linux/filter.h>
 SO_ATTACH_FILTER = 26
@@ -477,7 +479,9 @@ class AddressMove:
     route, so that the address really receives packets when it returns: it reads the route's
     RTM_NEWROUTE notification (see LocalRouteEvents), then sends a no-op RTM_SETLINK whose ACK
     can only come once the addrconf work that inserts the route has released the RTNL lock.
-    The wait needs a second netlink socket, opened here. IPv4 adds are complete at the ACK.
+    `add(wait=False)` + `wait_usable()` split this so other work (restoring sockets) can
+    overlap the kernel's. The wait needs a second netlink socket, opened here unless
+    `watch_route` is False. IPv4 adds are complete at the ACK.
     """
 
     def __init__(
@@ -486,8 +490,9 @@ class AddressMove:
         ifindex: int,
         addr: str,
         prefixlen: int,
-        wait_usable: bool = True,
-        usable_timeout: float = 1.0,
+        *,
+        watch_route: bool = True,
+        route_timeout: float = 1.0,
     ) -> None:
         family, packed = _family_of(addr)
         maxlen = 128 if family == socket.AF_INET6 else 32
@@ -524,8 +529,8 @@ class AddressMove:
         self._del_what = f"RTM_DELADDR {target}"
         self._packed = packed
         self.events: LocalRouteEvents | None = None
-        if family == socket.AF_INET6 and wait_usable:
-            self.events = LocalRouteEvents(rtnl.netns, addr, usable_timeout)
+        if family == socket.AF_INET6 and watch_route:
+            self.events = LocalRouteEvents(rtnl.netns, addr, route_timeout)
         # No attributes, no flags to change: RTM_SETLINK only takes and releases the RTNL lock.
         self.barrier_msg = nlmsg(
             RTM_SETLINK,
@@ -536,21 +541,32 @@ class AddressMove:
         self._barrier_ack = rtnl.expected_ack(self.barrier_msg)
         self._barrier_what = f"RTM_SETLINK (RTNL barrier) ifindex {ifindex} {rtnl.where}"
 
-    def add(self) -> None:
+    def add(self, wait: bool = True) -> None:
         """Configure the address; AddressError, e.g. EEXIST, on failure.
 
-        IPv4: one send + one recv. IPv6 adds a non-blocking recv (drop stale notifications), a
-        recv (the route notification) and a send + recv (the RTNL barrier): when it returns,
-        the address receives packets.
+        IPv4: one send + one recv, and the address is usable. IPv6 with a route watch: a
+        non-blocking recv first (drops stale notifications), then send + recv; with `wait`
+        also `wait_usable()`, so that the address receives packets when add() returns.
+        """
+        events = self.events
+        if events is not None:
+            # A queued notification can only be stale (an interrupted add, a second
+            # AddressMove or another program adding this address): drop it before sending.
+            events.drain()
+        self.rtnl.transact(self.add_msg, self._add_ack, self._add_what, AddressError)
+        if wait and events is not None:
+            self.wait_usable()
+
+    def wait_usable(self) -> None:
+        """After `add(wait=False)`: return once the address receives packets (IPv6).
+
+        One recv (the local route's notification, often already queued) and one send + recv
+        (the RTNL barrier). A no-op for IPv4 and without a route watch. Without a preceding
+        add it times out (AddressError ETIMEDOUT after `route_timeout`).
         """
         events = self.events
         if events is None:
-            self.rtnl.transact(self.add_msg, self._add_ack, self._add_what, AddressError)
             return
-        # A queued notification can only be stale (an interrupted add, a second AddressMove or
-        # another program adding this address): one non-blocking recv makes sure of that.
-        events.drain()
-        self.rtnl.transact(self.add_msg, self._add_ack, self._add_what, AddressError)
         try:
             events.wait_for(self._packed)
         except OSError as e:

@@ -170,15 +170,22 @@ def test_add_then_delete_shows_in_the_address_table(topo: Topo, version: int) ->
     assert r.slow_replies == 0  # every ACK matched the precomputed bytes
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["add", "add-nowait+wait_usable"])
 @pytest.mark.parametrize("version", [6, 4])
-def test_address_receives_packets_as_soon_as_add_returns(topo: Topo, version: int) -> None:
+def test_address_receives_packets_as_soon_as_add_returns(
+    topo: Topo, version: int, split: bool
+) -> None:
     # IPv6 inserts the local route from a workqueue after the ACK; add() waits for it.
     addr, plen = MOVING[version]
     r = topo.rtnl["a"]
     with AddressMove(r, topo.ifindex["a"], addr, plen) as move:
         misses = []
         for i in range(200):
-            move.add()
+            if split:
+                move.add(wait=False)
+                move.wait_usable()
+            else:
+                move.add()
             if not r.is_local(addr):
                 misses.append(i)
             move.delete()
@@ -224,7 +231,7 @@ def test_lost_route_notifications_still_leave_the_address_usable(topo: Topo) -> 
     # and must fall back to the RTNL barrier + a route lookup instead of trusting or failing.
     addr, plen = MOVING[6]
     r = topo.rtnl["a"]
-    other = AddressMove(r, topo.ifindex["a"], addr, plen, wait_usable=False)
+    other = AddressMove(r, topo.ifindex["a"], addr, plen, watch_route=False)
     with AddressMove(r, topo.ifindex["a"], addr, plen) as move:
         assert move.events is not None
         move.events.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
@@ -393,7 +400,7 @@ def test_bench_add_delete_vs_pyroute2(
     addr, plen = MOVING[version]
     ns, index = topo.ns["a"], topo.ifindex["a"]
     # Without the IPv6 route wait: what the two syscalls alone cost.
-    bare = AddressMove(topo.rtnl["a"], index, addr, plen, wait_usable=False)
+    bare = AddressMove(topo.rtnl["a"], index, addr, plen, watch_route=False)
     bare_add = []
     for _ in range(runs):
         t0 = time.perf_counter_ns()
@@ -434,6 +441,26 @@ def test_bench_add_delete_vs_pyroute2(
             ann.send()
             send_ns.append(time.perf_counter_ns() - t0)
 
+    # The whole takeover as the freeze window sees it: delete on one device, add + announce on
+    # the other, alternating a -> b -> a.
+    sides = {r: (AddressMove(topo.rtnl[r], topo.ifindex[r], addr, plen),
+                 Announcer(topo.ns[r], IFNAME, addr)) for r in ("a", "b")}  # fmt: skip
+    move_ns = []
+    holder = "a"
+    sides["a"][0].add()
+    for _ in range(runs):
+        new = "b" if holder == "a" else "a"
+        t0 = time.perf_counter_ns()
+        sides[holder][0].delete()
+        sides[new][0].add()
+        sides[new][1].send()
+        move_ns.append(time.perf_counter_ns() - t0)
+        holder = new
+    sides[holder][0].delete()
+    for m, a in sides.values():
+        m.close()
+        a.close()
+
     with capsys.disabled():
         print(f"\nIPv{version}, {runs} runs, address {addr}/{plen} in {ns}")
         print(f"  AddressMove.add()          {_stats(add_ns)}")
@@ -445,4 +472,5 @@ def test_bench_add_delete_vs_pyroute2(
         print(f"  pyroute2 addr('del')       {_stats(p_del)}")
         print(f"  pyroute2 add+del           {_stats(p_pair)}")
         print(f"  Announcer.send()           {_stats(send_ns)}")
+        print(f"  move: delete+add+send      {_stats(move_ns)}")
     assert not topo.rtnl["a"].has_address(addr)

@@ -134,7 +134,7 @@ def nl_error(seq: int, portid: int, err: int, request: bytes, msg: bytes = b"") 
 
 
 def test_ipv6_newaddr_matches_pyroute2(rtnl: Rtnl) -> None:
-    move = AddressMove(rtnl, 7, "2001:db8:1::100", 64, wait_usable=False)
+    move = AddressMove(rtnl, 7, "2001:db8:1::100", 64, watch_route=False)
     seq = struct.unpack_from("=I", move.add_msg, 8)[0]
     ref = pyroute2_addr(
         RTM_NEWADDR,
@@ -158,7 +158,7 @@ def test_ipv6_newaddr_matches_pyroute2(rtnl: Rtnl) -> None:
 
 
 def test_ipv6_deladdr_matches_pyroute2(rtnl: Rtnl) -> None:
-    move = AddressMove(rtnl, 7, "2001:db8:1::100", 64, wait_usable=False)
+    move = AddressMove(rtnl, 7, "2001:db8:1::100", 64, watch_route=False)
     seq = struct.unpack_from("=I", move.del_msg, 8)[0]
     ref = pyroute2_addr(
         RTM_DELADDR,
@@ -223,14 +223,14 @@ def test_bad_prefix_length_is_refused(rtnl: Rtnl) -> None:
 
 
 def test_every_message_gets_its_own_sequence_number(rtnl: Rtnl) -> None:
-    moves = [AddressMove(rtnl, 1, f"2001:db8::{i}", 64, wait_usable=False) for i in range(1, 4)]
+    moves = [AddressMove(rtnl, 1, f"2001:db8::{i}", 64, watch_route=False) for i in range(1, 4)]
     seqs = [struct.unpack_from("=I", m.add_msg, 8)[0] for m in moves]
     seqs += [struct.unpack_from("=I", m.del_msg, 8)[0] for m in moves]
     assert len(set(seqs)) == len(seqs)
 
 
 def test_expected_ack_layout(rtnl: Rtnl) -> None:
-    move = AddressMove(rtnl, 7, "2001:db8:1::100", 64, wait_usable=False)
+    move = AddressMove(rtnl, 7, "2001:db8:1::100", 64, watch_route=False)
     ack = rtnl.expected_ack(move.add_msg)
     length, kind, flags, seq, pid = struct.unpack_from("=IHHII", ack)
     assert (length, kind, flags) == (len(ack), NLMSG_ERROR, 0x100)
@@ -245,7 +245,7 @@ def test_expected_ack_layout(rtnl: Rtnl) -> None:
 
 def test_ack_fast_path_and_error_carries_errno_and_target(rtnl: Rtnl) -> None:
     fake = use_fake(rtnl)
-    move = AddressMove(rtnl, 7, "2001:db8:1::100", 64, wait_usable=False)
+    move = AddressMove(rtnl, 7, "2001:db8:1::100", 64, watch_route=False)
     fake.replies.append(rtnl.expected_ack(move.add_msg))
     move.add()
     assert fake.sent == [move.add_msg]
@@ -276,7 +276,7 @@ def test_stale_reply_is_never_taken_for_the_current_one(rtnl: Rtnl) -> None:
 
 def test_interrupted_call_leaves_nothing_for_the_next(rtnl: Rtnl) -> None:
     fake = use_fake(rtnl)
-    move = AddressMove(rtnl, 7, "2001:db8:1::100", 64, wait_usable=False)
+    move = AddressMove(rtnl, 7, "2001:db8:1::100", 64, watch_route=False)
     seq = struct.unpack_from("=I", move.add_msg, 8)[0]
     fake.replies.append(KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
@@ -501,7 +501,7 @@ def test_ipv6_add_returns_only_once_its_own_local_route_is_in(rtnl: Rtnl) -> Non
 
 
 def test_rtnl_barrier_is_a_no_op_setlink(rtnl: Rtnl) -> None:
-    move = AddressMove(rtnl, 7, "2001:db8:1::100", 64, wait_usable=False)
+    move = AddressMove(rtnl, 7, "2001:db8:1::100", 64, watch_route=False)
     msg = ifinfmsg(move.barrier_msg)
     msg.decode()
     assert msg["header"]["type"] == 19  # RTM_SETLINK
@@ -512,7 +512,7 @@ def test_rtnl_barrier_is_a_no_op_setlink(rtnl: Rtnl) -> None:
 
 
 def test_ipv6_add_whose_route_never_comes_times_out_clearly(rtnl: Rtnl) -> None:
-    move = AddressMove(rtnl, 7, "2001:db8:1::100", 64, usable_timeout=0.25)
+    move = AddressMove(rtnl, 7, "2001:db8:1::100", 64, route_timeout=0.25)
     fake, events = use_fake(rtnl), fake_events(move)
     fake.replies.append(rtnl.expected_ack(move.add_msg))
     notify_on_add(fake, move, events, [BlockingIOError(errno.EAGAIN, "SO_RCVTIMEO")])
@@ -528,4 +528,4 @@ def test_ipv4_moves_need_no_route_wait(rtnl: Rtnl) -> None:
     with_wait = AddressMove(rtnl, 7, "2001:db8:1::100", 64)
     assert with_wait.events is not None
     with_wait.close()
-    assert AddressMove(rtnl, 7, "2001:db8:1::100", 64, wait_usable=False).events is None
+    assert AddressMove(rtnl, 7, "2001:db8:1::100", 64, watch_route=False).events is None
