@@ -306,6 +306,7 @@ def _validate(s: TcpSnapshot, max_queue: int) -> None:
     u32 = 2**32 - 1
     if s.family not in (socket.AF_INET, socket.AF_INET6):
         raise SnapshotError(f"TCP snapshot family {s.family!r} is neither AF_INET nor AF_INET6")
+    _in(s.flags, 0, u32, "flags")  # before the v4-mapped check below uses it
     want = 4 if s.family == socket.AF_INET else 6
     for what, addr in (("local", s.local_addr), ("remote", s.remote_addr)):
         try:
@@ -317,7 +318,6 @@ def _validate(s: TcpSnapshot, max_queue: int) -> None:
             raise SnapshotError(
                 f"TCP snapshot {what} address {addr} disagrees with the v4-mapped flag"
             )
-    _in(s.flags, 0, u32, "flags")
     if s.flags & ~F_ALL:
         raise SnapshotError(f"TCP snapshot has unknown flag bits {s.flags & ~F_ALL:#x}")
     if s.tcp_state != TCP_ESTABLISHED:
