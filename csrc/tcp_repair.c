@@ -10,6 +10,8 @@
 #include <fcntl.h>
 #include <linux/sockios.h>
 #include <netinet/in.h>
+#include <netinet/ip.h>
+#include <netinet/ip6.h>
 #include <netinet/tcp.h>
 #include <stdlib.h>
 #include <string.h>
@@ -65,6 +67,7 @@ const char *tcpr_strerror(int code)
 	case TCPR_E_SENDQ: return "replaying the sent-but-unacknowledged data";
 	case TCPR_E_UNSENT: return "sending the never-sent data";
 	case TCPR_E_CLOSE: return "close()";
+	case TCPR_E_ACK: return "sending the window-announcing ACK";
 	default: return "unknown error";
 	}
 }
@@ -537,10 +540,119 @@ int tcpr_restore(const struct tcpr_state *st, const uint8_t *queues, int *fd_out
 	return TCPR_OK;
 }
 
-int tcpr_activate(int fd, const uint8_t *unsent, size_t len)
+static uint32_t csum_add(uint32_t sum, const void *data, size_t len)
 {
-	if (set_int(fd, SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF) < 0)
-		return TCPR_E_REPAIR_OFF;
+	const uint8_t *p = data;
+	for (; len > 1; p += 2, len -= 2)
+		sum += (uint32_t)(p[0] << 8 | p[1]);
+	if (len)
+		sum += (uint32_t)(p[0] << 8);
+	return sum;
+}
+
+static uint16_t csum_fold(uint32_t sum)
+{
+	while (sum >> 16)
+		sum = (sum & 0xffff) + (sum >> 16);
+	return htons((uint16_t)~sum);
+}
+
+/* A pure ACK with the window the restored socket believes it advertised. Built by hand and
+ * sent on an IPPROTO_RAW socket (header included; such sockets receive nothing). */
+static int send_window_ack(int fd, const struct tcpr_state *st, int raw_fd)
+{
+	uint8_t pkt[40 + 32];
+	uint8_t *tcp;
+	size_t iplen, tcplen = (st->flags & TCPR_F_TIMESTAMP) ? 32 : 20;
+	uint32_t win = st->rcv_wup + st->rcv_wnd - st->rcv_seq, seq, sum = 0;
+	int v4 = st->family == AF_INET || (st->flags & TCPR_F_V4MAPPED), ts;
+	const uint8_t *src = st->src_addr, *dst = st->dst_addr;
+	struct sockaddr_storage to;
+	socklen_t tolen;
+
+	if ((int32_t)win < 0)
+		win = 0;
+	win >>= (st->flags & TCPR_F_WSCALE) ? st->rcv_wscale : 0;
+	if (win > 0xffff)
+		win = 0xffff;
+	memset(pkt, 0, sizeof(pkt));
+	memset(&to, 0, sizeof(to));
+	if (v4) {
+		struct iphdr *ip = (struct iphdr *)pkt;
+		struct sockaddr_in *sin = (struct sockaddr_in *)&to;
+		if (st->family == AF_INET6) { /* ::ffff:a.b.c.d */
+			src += 12;
+			dst += 12;
+		}
+		iplen = sizeof(*ip);
+		ip->version = 4;
+		ip->ihl = 5;
+		ip->tos = (uint8_t)st->tos;
+		ip->tot_len = htons((uint16_t)(iplen + tcplen));
+		ip->frag_off = htons(IP_DF);
+		ip->ttl = st->ttl > 0 ? (uint8_t)st->ttl : DEF_TTL;
+		ip->protocol = IPPROTO_TCP;
+		memcpy(&ip->saddr, src, 4);
+		memcpy(&ip->daddr, dst, 4);
+		sum = csum_add(sum, src, 4);
+		sum = csum_add(sum, dst, 4);
+		sin->sin_family = AF_INET;
+		memcpy(&sin->sin_addr, dst, 4);
+		tolen = sizeof(*sin);
+	} else {
+		struct ip6_hdr *ip6 = (struct ip6_hdr *)pkt;
+		struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&to;
+		iplen = sizeof(*ip6);
+		ip6->ip6_flow = htonl(6u << 28 | (uint32_t)(st->tos & 0xff) << 20);
+		ip6->ip6_plen = htons((uint16_t)tcplen);
+		ip6->ip6_nxt = IPPROTO_TCP;
+		ip6->ip6_hlim = st->ttl > 0 ? (uint8_t)st->ttl : DEF_TTL;
+		memcpy(&ip6->ip6_src, src, 16);
+		memcpy(&ip6->ip6_dst, dst, 16);
+		sum = csum_add(sum, src, 16);
+		sum = csum_add(sum, dst, 16);
+		sin6->sin6_family = AF_INET6;
+		memcpy(&sin6->sin6_addr, dst, 16);
+		tolen = sizeof(*sin6);
+	}
+	sum += IPPROTO_TCP + (uint32_t)tcplen;
+
+	tcp = pkt + iplen;
+	tcp[0] = (uint8_t)(st->src_port >> 8);
+	tcp[1] = (uint8_t)st->src_port;
+	tcp[2] = (uint8_t)(st->dst_port >> 8);
+	tcp[3] = (uint8_t)st->dst_port;
+	seq = htonl(st->snd_seq - st->unsent_len); /* snd_nxt: the unsent tail is not out yet */
+	memcpy(tcp + 4, &seq, 4);
+	seq = htonl(st->rcv_seq);
+	memcpy(tcp + 8, &seq, 4);
+	tcp[12] = (uint8_t)((tcplen / 4) << 4);
+	tcp[13] = 0x10; /* ACK */
+	tcp[14] = (uint8_t)(win >> 8);
+	tcp[15] = (uint8_t)win;
+	if (tcplen == 32) {
+		uint32_t tsval;
+		if (get_int(fd, SOL_TCP, TCP_TIMESTAMP, &ts) < 0)
+			return TCPR_E_TIMESTAMP;
+		tcp[20] = 1; /* NOP, NOP, TS (kind 8, len 10), TSval, TSecr unknown: 0 */
+		tcp[21] = 1;
+		tcp[22] = 8;
+		tcp[23] = 10;
+		tsval = htonl((uint32_t)ts);
+		memcpy(tcp + 24, &tsval, 4);
+	}
+	sum = csum_add(sum, tcp, tcplen);
+	{
+		uint16_t c = csum_fold(sum);
+		memcpy(tcp + 16, &c, 2);
+	}
+	if (sendto(raw_fd, pkt, iplen + tcplen, MSG_DONTWAIT, (struct sockaddr *)&to, tolen) < 0)
+		return TCPR_E_ACK;
+	return TCPR_OK;
+}
+
+static int send_unsent(int fd, const uint8_t *unsent, size_t len)
+{
 	while (len > 0) {
 		ssize_t n = send(fd, unsent, len, MSG_DONTWAIT | MSG_NOSIGNAL);
 		if (n <= 0) {
@@ -552,6 +664,33 @@ int tcpr_activate(int fd, const uint8_t *unsent, size_t len)
 		len -= (size_t)n;
 	}
 	return TCPR_OK;
+}
+
+int tcpr_activate(int fd, const uint8_t *unsent, size_t len)
+{
+	if (set_int(fd, SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF) < 0)
+		return TCPR_E_REPAIR_OFF;
+	return send_unsent(fd, unsent, len);
+}
+
+int tcpr_activate_ack(int fd, const struct tcpr_state *st, int raw_fd, const uint8_t *unsent,
+		      size_t len)
+{
+	int rc = check_state(st), saved;
+
+	if (rc) {
+		errno = EINVAL;
+		return rc;
+	}
+	if (set_int(fd, SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF) < 0)
+		return TCPR_E_REPAIR_OFF;
+	/* The socket is live from here on: a lost ACK costs the peer a probe, not the flow. */
+	rc = send_window_ack(fd, st, raw_fd);
+	saved = errno;
+	if (send_unsent(fd, unsent, len))
+		return TCPR_E_UNSENT;
+	errno = saved;
+	return rc;
 }
 
 int tcpr_resume(int fd)

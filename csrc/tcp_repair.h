@@ -98,6 +98,7 @@ enum tcpr_error {
 	TCPR_E_SENDQ = -27,      /* replaying the sent-but-unacked data */
 	TCPR_E_UNSENT = -28,     /* sending the never-sent data after repair off */
 	TCPR_E_CLOSE = -29,      /* close() */
+	TCPR_E_ACK = -30,        /* window-announcing ACK not sent (the socket IS active) */
 };
 
 /* Name of the step an error code stands for ("freeze: not TCP", ...). Never NULL. */
@@ -120,6 +121,18 @@ int tcpr_restore(const struct tcpr_state *st, const uint8_t *queues, int *fd_out
 /* Leave repair mode on a restored socket, then send the never-sent tail of the send queue
  * with ordinary sends (len may be 0). */
 int tcpr_activate(int fd, const uint8_t *unsent, size_t len);
+
+/* As tcpr_activate, and between leaving repair mode and sending the never-sent bytes, send
+ * one pure ACK as the restored socket would (seq = its snd_nxt, ack = its rcv_nxt, the
+ * receive window it believes it advertised, a current timestamp) through raw_fd, a
+ * socket(AF_INET or AF_INET6, SOCK_RAW, IPPROTO_RAW) of the flow's IP version in the same
+ * network namespace. Leaving repair mode only sends a window probe with an old sequence
+ * number, which the peer answers with a duplicate ACK without updating its view of our
+ * window: if that view was stale (an ACK lost in the freeze, a zero window), the peer would
+ * wait for its own zero-window probe timer. st is the state the socket was restored from.
+ * TCPR_E_ACK means the socket is active and its bytes are sent; only the ACK failed. */
+int tcpr_activate_ack(int fd, const struct tcpr_state *st, int raw_fd, const uint8_t *unsent,
+		      size_t len);
 
 /* Undo tcpr_freeze on the exporting side after a failed move: repair mode off. */
 int tcpr_resume(int fd);

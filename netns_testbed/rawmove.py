@@ -11,9 +11,12 @@ Order (the one that keeps a failed move recoverable, see docs/architecture.md):
                sending anything more                                      <- t_Mig starts
     freeze     TCP_REPAIR on
     dump       read the whole connection state
-    addr_add   add the address on the destination device (nodad)
+    addr_add   add the address on the destination device (nodad); the kernel finishes the
+               IPv6 local route asynchronously while the socket is restored
     restore    rebuild the socket there (repair mode)                     <- freeze→restored
-    activate   repair off, never-sent bytes go out
+    activate   repair off, an ACK telling the peer the real window, never-sent bytes go out
+    addr_ready wait until the address really receives (IPv6 local route in place), so
+               nothing the peer sends after the announcement is dropped
     announce   unsolicited NA / gratuitous ARP from the destination       <- t_Mig ends
     release    close the frozen source socket silently (after the commit point)
 
@@ -38,7 +41,8 @@ from sessmob.tcp_snapshot import TcpSnapshot
 
 from .topology import Testbed
 
-PHASES = ("isolate", "freeze", "dump", "addr_add", "restore", "activate", "announce")
+PHASES = ("isolate", "freeze", "dump", "addr_add", "restore", "activate", "addr_ready", "announce")
+_COMMIT = PHASES.index("activate") + 1  # phases before this index roll back on failure
 
 
 class MoveFailed(RuntimeError):
@@ -59,7 +63,7 @@ class MoveTiming:
     freeze_to_restored: float = 0.0  # start of freeze -> restored socket exists
     release: float = 0.0  # after the commit point, outside t_Mig
     queued_bytes: int = 0  # receive + send queue moved
-    announce_error: str | None = None  # the move succeeded, but the announcement failed
+    post_commit_errors: list[str] = field(default_factory=list)  # moved, but e.g. no NA sent
 
 
 @dataclass
@@ -69,6 +73,7 @@ class _Device:
     rtnl: Rtnl
     addr: AddressMove
     announcer: Announcer
+    acks: tcp_repair.AckSender
 
 
 class RawMover:
@@ -94,12 +99,15 @@ class RawMover:
                 host = tb.hosts[name]
                 install_output_guard(host.netns, [self.addr])
                 rtnl = Rtnl.open(host.netns)
+                with netns.entered(host.netns):
+                    acks = tcp_repair.AckSender()
                 self.devices[name] = _Device(
                     name=name,
                     ns_fd=netns.open_netns(host.netns),
                     rtnl=rtnl,
                     addr=AddressMove(rtnl, host.ifindex, self.addr, plen),
                     announcer=Announcer(host.netns, host.ifname, self.addr),
+                    acks=acks,
                 )
         except BaseException:
             self.close()
@@ -107,6 +115,7 @@ class RawMover:
 
     def close(self) -> None:
         for dev in self.devices.values():
+            dev.acks.close()
             dev.announcer.close()
             dev.rtnl.close()
             os.close(dev.ns_fd)
@@ -149,17 +158,16 @@ class RawMover:
         (fault injection for tests of the rollback path). `via_bytes` sends the snapshot
         through its byte form, as a transfer between devices would.
         """
-        if fail_at is not None and fail_at not in PHASES[: PHASES.index("activate") + 1]:
+        if fail_at is not None and fail_at not in PHASES[:_COMMIT]:
             raise ValueError(f"fail_at must name a phase up to 'activate', not {fail_at!r}")
         s, d = self.devices[src], self.devices[dst]
         clock = time.perf_counter
         done: list[str] = []
         new: socket.socket | None = None
-        announce_error: str | None = None
         marks = [clock()]
         step = PHASES[0]
         try:
-            for step in PHASES:
+            for step in PHASES[:_COMMIT]:
                 if step == fail_at:
                     raise RuntimeError(f"injected failure at {step}")
                 if step == "isolate":
@@ -171,7 +179,7 @@ class RawMover:
                     if via_bytes:
                         snap = TcpSnapshot.from_bytes(snap.to_bytes())
                 elif step == "addr_add":
-                    d.addr.add()
+                    d.addr.add(wait=False)
                 elif step == "restore":
                     netns.setns(d.ns_fd)
                     try:
@@ -179,31 +187,35 @@ class RawMover:
                     finally:
                         netns.setns(self._home)
                 elif step == "activate":
-                    tcp_repair.activate(new)  # type: ignore[arg-type]
-                elif step == "announce":
-                    try:
-                        d.announcer.send()
-                    except OSError as e:
-                        # Past the commit point the destination owns the connection; the
-                        # peer then finds the address by neighbour discovery instead.
-                        announce_error = str(e)
+                    tcp_repair.activate(new, d.acks)  # type: ignore[arg-type]
                 done.append(step)
                 marks.append(clock())
         except BaseException as e:
             self._rollback(sock, new, done, s, d)
             raise MoveFailed(step, e) from e
+        # Past the commit point the destination owns the connection: a failure here costs
+        # the peer a retransmission or a neighbour probe, never the connection.
+        errors: list[str] = []
+        for step in PHASES[_COMMIT:]:
+            try:
+                if step == "addr_ready":
+                    d.addr.wait_usable()
+                elif step == "announce":
+                    d.announcer.send()
+            except OSError as e:
+                errors.append(f"{step}: {e}")
+            marks.append(clock())
         t_release = clock()
         tcp_repair.release(sock)
-        timing = MoveTiming(
+        assert new is not None
+        return new, MoveTiming(
             phases={p: marks[i + 1] - marks[i] for i, p in enumerate(PHASES)},
             t_mig=marks[-1] - marks[0],
             freeze_to_restored=marks[PHASES.index("restore") + 1] - marks[1],
             release=clock() - t_release,
             queued_bytes=snap.inq_len + snap.outq_len,
-            announce_error=announce_error,
+            post_commit_errors=errors,
         )
-        assert new is not None
-        return new, timing
 
     def _rollback(
         self,

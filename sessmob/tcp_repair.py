@@ -20,9 +20,12 @@ repaired at all raise its subclass NotRepairable and are left untouched.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
+from dataclasses import dataclass
+from typing import Any
 
 from sessmob._native._tcp_repair import ffi, lib
 from sessmob.tcp_snapshot import (
@@ -34,6 +37,7 @@ from sessmob.tcp_snapshot import (
 )
 
 __all__ = [
+    "AckSender",
     "NotRepairable",
     "SnapshotError",
     "TcpRepairError",
@@ -61,9 +65,23 @@ _INT_FIELDS = (
     "rcvbuf", "buf_lock", "mark", "tos", "ttl",
 )  # fmt: skip
 
-# Never-sent bytes of restored sockets, sent by activate(): fd -> (inode, bytes).
-_unsent: dict[int, tuple[int, memoryview]] = {}
-_unsent_lock = threading.Lock()
+_E_ACK = -30
+_log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Restored:
+    """What activate() needs of a socket restore() built: its state and never-sent bytes."""
+
+    inode: int
+    state: Any  # struct tcpr_state * (cffi)
+    unsent: memoryview
+    v4: bool  # the flow speaks IPv4 (AF_INET, or AF_INET6 with mapped addresses)
+
+
+# Restored sockets awaiting activate(), by fd (the inode guards against fd reuse).
+_restored: dict[int, _Restored] = {}
+_restored_lock = threading.Lock()
 
 
 class TcpRepairError(OSError):
@@ -195,33 +213,82 @@ def restore(snapshot: TcpSnapshot) -> socket.socket:
     sock = socket.socket(snapshot.family, socket.SOCK_STREAM, socket.IPPROTO_TCP, fileno=fd)
     if snapshot.flags & F_NONBLOCK:
         sock.setblocking(False)
-    if snapshot.unsent_len:
-        with _unsent_lock:
-            _unsent[fd] = (os.fstat(fd).st_ino, snapshot.unsent)
+    v4 = snapshot.family == socket.AF_INET or bool(snapshot.flags & F_V4MAPPED)
+    with _restored_lock:
+        _restored[fd] = _Restored(os.fstat(fd).st_ino, st, snapshot.unsent, v4)
     return sock
 
 
-def _take_unsent(fd: int) -> memoryview | None:
-    with _unsent_lock:
-        entry = _unsent.pop(fd, None)
+def _take_restored(fd: int) -> _Restored | None:
+    with _restored_lock:
+        entry = _restored.pop(fd, None)
     if entry is None:
         return None
-    ino, data = entry
     try:
-        same = os.fstat(fd).st_ino == ino
+        same = os.fstat(fd).st_ino == entry.inode
     except OSError:
         same = False
-    return data if same else None
+    return entry if same else None
 
 
-def activate(sock: FdLike) -> None:
-    """Switch repair mode off on a restored socket and send its never-sent bytes."""
+class AckSender:
+    """Raw sockets with which activate() tells the peer the restored window at once.
+
+    Leaving repair mode makes the kernel send only a window probe with an old sequence
+    number; the peer answers with a duplicate ACK and keeps its old idea of our receive
+    window. If that idea is stale (an ACK lost while frozen, a zero window), the peer waits
+    for its zero-window probe timer: hundreds of milliseconds. activate() therefore sends one
+    pure ACK carrying the window the restored socket believes it advertised.
+
+    Open one per network namespace before the freeze (it is created in the calling thread's
+    namespace). IPPROTO_RAW sockets send only, so they cost nothing while idle.
+    """
+
+    def __init__(self) -> None:
+        self.v4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        try:
+            self.v6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        except BaseException:
+            self.v4.close()
+            raise
+
+    def close(self) -> None:
+        self.v4.close()
+        self.v6.close()
+
+    def __enter__(self) -> AckSender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def activate(sock: FdLike, acks: AckSender | None = None) -> None:
+    """Switch repair mode off on a restored socket: the connection runs here from now on.
+
+    For a socket built by restore(), also tells the peer the current receive window (see
+    AckSender; without `acks` a temporary one is opened, which costs two socket() calls) and
+    sends the never-sent bytes. Any other frozen socket just leaves repair mode.
+    """
     fd = _fileno(sock)
-    unsent = _take_unsent(fd)
-    if unsent is None:
+    entry = _take_restored(fd)
+    if entry is None:
         _check("activate", lib.tcpr_activate(fd, ffi.NULL, 0), fd)
         return
-    rc = lib.tcpr_activate(fd, ffi.from_buffer(unsent), len(unsent))
+    own = acks is None
+    senders = AckSender() if acks is None else acks
+    try:
+        raw = (senders.v4 if entry.v4 else senders.v6).fileno()
+        unsent = ffi.from_buffer(entry.unsent) if len(entry.unsent) else ffi.NULL
+        rc = lib.tcpr_activate_ack(fd, entry.state, raw, unsent, len(entry.unsent))
+    finally:
+        if own:
+            senders.close()
+    if rc == _E_ACK:
+        # Active and all bytes sent; only the courtesy ACK failed. The peer will learn the
+        # window from the next segment, or its own probe.
+        _log.warning("activate fd %d: window ACK not sent: %s", fd, os.strerror(ffi.errno))
+        return
     _check("activate", rc, fd)
 
 
@@ -238,7 +305,7 @@ def release(sock: FdLike) -> None:
     afterwards this device would answer the peer's packets with RST.
     """
     fd = _fileno(sock)
-    _take_unsent(fd)
+    _take_restored(fd)
     if isinstance(sock, socket.socket):
         sock.detach()
     rc = lib.tcpr_release(fd)

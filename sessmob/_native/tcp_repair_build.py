@@ -28,6 +28,8 @@ ffi.cdef(
     int tcpr_dump(int fd, struct tcpr_state *st, uint8_t **queues);
     int tcpr_restore(const struct tcpr_state *st, const uint8_t *queues, int *fd_out);
     int tcpr_activate(int fd, const uint8_t *unsent, size_t len);
+    int tcpr_activate_ack(int fd, const struct tcpr_state *st, int raw_fd,
+                          const uint8_t *unsent, size_t len);
     int tcpr_resume(int fd);
     int tcpr_release(int fd);
     void free(void *);
