@@ -115,8 +115,13 @@ _TCP_STATES = (
 def _describe(fd: int) -> str:
     """Name the socket in an error message (only on the error path: costs syscalls)."""
     try:
-        s = socket.socket(fileno=os.dup(fd))
+        dup = os.dup(fd)
     except OSError:
+        return f"fd {fd}"
+    try:
+        s = socket.socket(fileno=dup)
+    except OSError:  # not a socket: the dup must not leak
+        os.close(dup)
         return f"fd {fd}"
     parts = [f"fd {fd}"]
     with s:
@@ -303,20 +308,19 @@ def release(sock: FdLike) -> None:
 
     Call only once the flow's address is gone from this device (or still isolated):
     afterwards this device would answer the peer's packets with RST.
+    If the socket cannot enter repair mode (not TCP, LISTEN, ...), closing it would not be
+    silent: TcpRepairError is raised and the socket, object or fd, is left open and untouched.
     """
     fd = _fileno(sock)
     _take_restored(fd)
-    if isinstance(sock, socket.socket):
-        sock.detach()
     rc = lib.tcpr_release(fd)
+    err = ffi.errno
+    if rc == _E_REPAIR_ON:
+        raise TcpRepairError("release", rc, err, _describe(fd))
+    if isinstance(sock, socket.socket):
+        sock.detach()  # closed by tcpr_release (close() frees the fd even when it fails)
     if rc:
-        err = ffi.errno
-        if rc != _E_REPAIR_ON:
-            raise TcpRepairError("release", rc, err, f"fd {fd}")
-        # Still open and not silent: hand it back to the caller instead of leaking it.
-        exc = TcpRepairError("release", rc, err, _describe(fd))
-        exc.socket = socket.socket(fileno=fd)  # type: ignore[attr-defined]
-        raise exc
+        raise TcpRepairError("release", rc, err, f"fd {fd}")
 
 
 def is_v4mapped(snapshot: TcpSnapshot) -> bool:
