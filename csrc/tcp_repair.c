@@ -68,6 +68,7 @@ const char *tcpr_strerror(int code)
 	case TCPR_E_UNSENT: return "sending the never-sent data";
 	case TCPR_E_CLOSE: return "close()";
 	case TCPR_E_ACK: return "sending the window-announcing ACK";
+	case TCPR_E_FIN: return "re-creating a FIN (shutdown or injected peer FIN)";
 	default: return "unknown error";
 	}
 }
@@ -83,9 +84,19 @@ static int set_int(int fd, int level, int name, int val)
 	return setsockopt(fd, level, name, &val, sizeof(val));
 }
 
+#define TCPF(s) (1u << (s))
+/* States in which we sent a FIN / received the peer's FIN. */
+#define OUR_FIN (TCPF(TCP_FIN_WAIT1) | TCPF(TCP_FIN_WAIT2) | TCPF(TCP_LAST_ACK) | TCPF(TCP_CLOSING))
+#define PEER_FIN (TCPF(TCP_CLOSE_WAIT) | TCPF(TCP_LAST_ACK) | TCPF(TCP_CLOSING))
+
+static int in_states(uint32_t state, uint32_t set)
+{
+	return state < 32 && (TCPF(state) & set);
+}
+
 static int repairable_state(uint32_t state)
 {
-	return state == TCP_ESTABLISHED;
+	return in_states(state, TCPF(TCP_ESTABLISHED) | OUR_FIN | PEER_FIN);
 }
 
 int tcpr_freeze(int fd)
@@ -273,6 +284,20 @@ int tcpr_dump(int fd, struct tcpr_state *st, uint8_t **queues)
 		errno = EINVAL;
 		return TCPR_E_QUEUE_LEN;
 	}
+	/* A FIN takes a sequence number but carries no byte: the kernel counts an unacked FIN of
+	 * ours in SIOCOUTQ (and, if not transmitted, in SIOCOUTQNSD). Keep it out. */
+	if (in_states(st->tcp_state, OUR_FIN)) {
+		if (st->tcp_state != TCP_FIN_WAIT2)
+			outq--;
+		if (unsent > 0) {
+			unsent--;
+			st->flags |= TCPR_F_FIN_UNSENT;
+		}
+	}
+	if (outq < 0 || unsent > outq) {
+		errno = EINVAL;
+		return TCPR_E_QUEUE_LEN;
+	}
 	st->inq_len = (uint32_t)inq;
 	st->outq_len = (uint32_t)outq;
 	st->unsent_len = (uint32_t)unsent;
@@ -290,6 +315,10 @@ int tcpr_dump(int fd, struct tcpr_state *st, uint8_t **queues)
 				st->outq_len);
 	if (rc)
 		goto fail;
+	if (in_states(st->tcp_state, OUR_FIN))
+		st->snd_seq--; /* write_seq counts our FIN */
+	if (in_states(st->tcp_state, PEER_FIN))
+		st->rcv_seq--; /* rcv_nxt counts the peer's FIN */
 
 	rc = TCPR_E_MSS;
 	if (get_int(fd, SOL_TCP, TCP_MAXSEG, &v) < 0)
@@ -311,6 +340,14 @@ int tcpr_dump(int fd, struct tcpr_state *st, uint8_t **queues)
 	st->max_window = win.max_window;
 	st->rcv_wnd = win.rcv_wnd;
 	st->rcv_wup = win.rcv_wup;
+	if (in_states(st->tcp_state, PEER_FIN)) {
+		/* Restore rebuilds rcv_nxt without the peer's FIN (re-injected later): the window
+		 * fields must not point past it. */
+		if ((int32_t)(st->rcv_wup - st->rcv_seq) > 0)
+			st->rcv_wup = st->rcv_seq;
+		if ((int32_t)(st->snd_wl1 - st->rcv_seq) > 0)
+			st->snd_wl1 = st->rcv_seq;
+	}
 
 	rc = dump_options(fd, st);
 	if (rc)
@@ -330,6 +367,7 @@ static int check_state(const struct tcpr_state *st)
 		return TCPR_E_VERSION;
 	if ((st->family != AF_INET && st->family != AF_INET6) || (st->flags & ~TCPR_F_ALL) ||
 	    !repairable_state(st->tcp_state) || st->unsent_len > st->outq_len ||
+	    ((st->flags & TCPR_F_FIN_UNSENT) && !in_states(st->tcp_state, OUR_FIN)) ||
 	    st->src_port == 0 || st->dst_port == 0 || st->mss_clamp == 0 ||
 	    st->snd_wscale > 14 || st->rcv_wscale > 14 || st->outq_len > INT32_MAX / 2 ||
 	    st->inq_len > INT32_MAX / 2 || memchr(st->congestion, 0, sizeof(st->congestion)) == NULL)
@@ -507,6 +545,15 @@ static int restore_into(int fd, const struct tcpr_state *st, const uint8_t *queu
 		if (replay(fd, outq, sent_len) < 0)
 			return TCPR_E_SENDQ;
 	}
+	/* Our FIN, if it had been transmitted (LAST_ACK re-sends it at activation, after the
+	 * peer's FIN): shutdown() in repair mode marks it sent, like the data before it. */
+	if (in_states(st->tcp_state, TCPF(TCP_FIN_WAIT1) | TCPF(TCP_FIN_WAIT2) | TCPF(TCP_CLOSING)) &&
+	    !(st->flags & TCPR_F_FIN_UNSENT)) {
+		if (set_int(fd, SOL_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE) < 0)
+			return TCPR_E_QUEUE_SEL;
+		if (shutdown(fd, SHUT_WR) < 0)
+			return TCPR_E_FIN;
+	}
 	rc = restore_options(fd, st);
 	return rc;
 }
@@ -557,24 +604,25 @@ static uint16_t csum_fold(uint32_t sum)
 	return htons((uint16_t)~sum);
 }
 
-/* A pure ACK with the window the restored socket believes it advertised. Built by hand and
- * sent on an IPPROTO_RAW socket (header included; such sockets receive nothing). */
-static int send_window_ack(int fd, const struct tcpr_state *st, int raw_fd)
+/* A TCP segment without payload, built by hand and sent on an IPPROTO_RAW socket (header
+ * included; such sockets receive nothing). Either from us to the peer (from_peer = 0) or as
+ * if from the peer, into our own stack (from_peer = 1). ts >= 0 adds a timestamp option. */
+static int send_segment(const struct tcpr_state *st, int raw_fd, int from_peer, uint8_t flags,
+			uint32_t seq, uint32_t ack, uint32_t win, int64_t ts)
 {
 	uint8_t pkt[40 + 32];
 	uint8_t *tcp;
-	size_t iplen, tcplen = (st->flags & TCPR_F_TIMESTAMP) ? 32 : 20;
-	uint32_t win = st->rcv_wup + st->rcv_wnd - st->rcv_seq, seq, sum = 0;
-	int v4 = st->family == AF_INET || (st->flags & TCPR_F_V4MAPPED), ts;
-	const uint8_t *src = st->src_addr, *dst = st->dst_addr;
+	size_t iplen, tcplen = ts >= 0 ? 32 : 20;
+	int v4 = st->family == AF_INET || (st->flags & TCPR_F_V4MAPPED);
+	const uint8_t *src = from_peer ? st->dst_addr : st->src_addr;
+	const uint8_t *dst = from_peer ? st->src_addr : st->dst_addr;
+	uint16_t sport = from_peer ? st->dst_port : st->src_port;
+	uint16_t dport = from_peer ? st->src_port : st->dst_port;
+	uint32_t sum = 0, n;
+	uint16_t c;
 	struct sockaddr_storage to;
 	socklen_t tolen;
 
-	if ((int32_t)win < 0)
-		win = 0;
-	win >>= (st->flags & TCPR_F_WSCALE) ? st->rcv_wscale : 0;
-	if (win > 0xffff)
-		win = 0xffff;
 	memset(pkt, 0, sizeof(pkt));
 	memset(&to, 0, sizeof(to));
 	if (v4) {
@@ -618,37 +666,75 @@ static int send_window_ack(int fd, const struct tcpr_state *st, int raw_fd)
 	sum += IPPROTO_TCP + (uint32_t)tcplen;
 
 	tcp = pkt + iplen;
-	tcp[0] = (uint8_t)(st->src_port >> 8);
-	tcp[1] = (uint8_t)st->src_port;
-	tcp[2] = (uint8_t)(st->dst_port >> 8);
-	tcp[3] = (uint8_t)st->dst_port;
-	seq = htonl(st->snd_seq - st->unsent_len); /* snd_nxt: the unsent tail is not out yet */
-	memcpy(tcp + 4, &seq, 4);
-	seq = htonl(st->rcv_seq);
-	memcpy(tcp + 8, &seq, 4);
+	tcp[0] = (uint8_t)(sport >> 8);
+	tcp[1] = (uint8_t)sport;
+	tcp[2] = (uint8_t)(dport >> 8);
+	tcp[3] = (uint8_t)dport;
+	n = htonl(seq);
+	memcpy(tcp + 4, &n, 4);
+	n = htonl(ack);
+	memcpy(tcp + 8, &n, 4);
 	tcp[12] = (uint8_t)((tcplen / 4) << 4);
-	tcp[13] = 0x10; /* ACK */
+	tcp[13] = flags;
 	tcp[14] = (uint8_t)(win >> 8);
 	tcp[15] = (uint8_t)win;
-	if (tcplen == 32) {
-		uint32_t tsval;
-		if (get_int(fd, SOL_TCP, TCP_TIMESTAMP, &ts) < 0)
-			return TCPR_E_TIMESTAMP;
+	if (ts >= 0) {
 		tcp[20] = 1; /* NOP, NOP, TS (kind 8, len 10), TSval, TSecr unknown: 0 */
 		tcp[21] = 1;
 		tcp[22] = 8;
 		tcp[23] = 10;
-		tsval = htonl((uint32_t)ts);
-		memcpy(tcp + 24, &tsval, 4);
+		n = htonl((uint32_t)ts);
+		memcpy(tcp + 24, &n, 4);
 	}
 	sum = csum_add(sum, tcp, tcplen);
-	{
-		uint16_t c = csum_fold(sum);
-		memcpy(tcp + 16, &c, 2);
-	}
+	c = csum_fold(sum);
+	memcpy(tcp + 16, &c, 2);
 	if (sendto(raw_fd, pkt, iplen + tcplen, MSG_DONTWAIT, (struct sockaddr *)&to, tolen) < 0)
+		return -1;
+	return 0;
+}
+
+static uint32_t scaled_window(uint32_t win, const struct tcpr_state *st, uint8_t wscale)
+{
+	if ((int32_t)win < 0)
+		win = 0;
+	win >>= (st->flags & TCPR_F_WSCALE) ? wscale : 0;
+	return win > 0xffff ? 0xffff : win;
+}
+
+/* The pure ACK telling the peer the window the restored socket believes it advertised.
+ * Not after the peer's FIN: the peer sends no more data, so our window no longer matters. */
+static int send_window_ack(int fd, const struct tcpr_state *st, int raw_fd)
+{
+	int ts = -1;
+	uint32_t win = scaled_window(st->rcv_wup + st->rcv_wnd - st->rcv_seq, st, st->rcv_wscale);
+	uint32_t snd_nxt = st->snd_seq - st->unsent_len; /* the unsent tail is not out yet */
+
+	if (in_states(st->tcp_state, PEER_FIN))
+		return TCPR_OK;
+	if (in_states(st->tcp_state, OUR_FIN) && !(st->flags & TCPR_F_FIN_UNSENT))
+		snd_nxt++; /* our FIN is out too */
+	if ((st->flags & TCPR_F_TIMESTAMP) && get_int(fd, SOL_TCP, TCP_TIMESTAMP, &ts) < 0)
+		return TCPR_E_TIMESTAMP;
+	if (send_segment(st, raw_fd, 0, 0x10 /* ACK */, snd_nxt, st->rcv_seq, win,
+			 (st->flags & TCPR_F_TIMESTAMP) ? (int64_t)(uint32_t)ts : -1) < 0)
 		return TCPR_E_ACK;
 	return TCPR_OK;
+}
+
+/* Deliver what the peer had sent of the connection's end into our own stack: its FIN
+ * (CLOSE_WAIT, LAST_ACK, CLOSING) or its ACK of our FIN (FIN_WAIT2). Without a timestamp
+ * option, so the socket's ts_recent stays unset and the peer's real segments pass PAWS. */
+static int inject_from_peer(const struct tcpr_state *st, int raw_fd)
+{
+	uint32_t snd_una = st->snd_seq - st->outq_len;
+	uint32_t win = scaled_window(st->snd_wnd, st, st->snd_wscale);
+
+	if (in_states(st->tcp_state, PEER_FIN))
+		return send_segment(st, raw_fd, 1, 0x11 /* FIN|ACK */, st->rcv_seq, snd_una, win, -1);
+	if (st->tcp_state == TCP_FIN_WAIT2)
+		return send_segment(st, raw_fd, 1, 0x10 /* ACK */, st->rcv_seq, st->snd_seq + 1, win, -1);
+	return 0;
 }
 
 static int send_unsent(int fd, const uint8_t *unsent, size_t len)
@@ -687,8 +773,13 @@ int tcpr_activate_ack(int fd, const struct tcpr_state *st, int raw_fd, const uin
 	/* The socket is live from here on: a lost ACK costs the peer a probe, not the flow. */
 	rc = send_window_ack(fd, st, raw_fd);
 	saved = errno;
+	if (inject_from_peer(st, raw_fd) < 0)
+		return TCPR_E_FIN;
 	if (send_unsent(fd, unsent, len))
 		return TCPR_E_UNSENT;
+	if ((st->tcp_state == TCP_LAST_ACK || (st->flags & TCPR_F_FIN_UNSENT)) &&
+	    shutdown(fd, SHUT_WR) < 0)
+		return TCPR_E_FIN;
 	errno = saved;
 	return rc;
 }

@@ -28,11 +28,12 @@
 #define TCPR_F_WSCALE 0x0004u    /* window scaling negotiated; snd/rcv_wscale valid */
 #define TCPR_F_WINDOW 0x0008u    /* snd_wl1 .. rcv_wup valid (TCP_REPAIR_WINDOW) */
 #define TCPR_F_V4MAPPED 0x0010u  /* AF_INET6 socket talking IPv4 through mapped addresses */
+#define TCPR_F_FIN_UNSENT 0x0020u /* our FIN is queued behind never-sent data */
 #define TCPR_F_NODELAY 0x0100u
 #define TCPR_F_CORK 0x0200u
 #define TCPR_F_KEEPALIVE 0x0400u
 #define TCPR_F_NONBLOCK 0x0800u /* O_NONBLOCK on the file */
-#define TCPR_F_ALL 0x0f1fu
+#define TCPR_F_ALL 0x0f3fu
 
 /* Everything a faithful restore needs except the queue bytes. Plain data: safe to copy. */
 struct tcpr_state {
@@ -45,6 +46,8 @@ struct tcpr_state {
 	uint8_t dst_addr[16];
 	uint16_t src_port; /* host order */
 	uint16_t dst_port;
+	/* Sequence numbers and lengths count bytes only: a FIN (half-closed states) takes a
+	 * sequence number but is kept out of them; tcp_state says which FINs exist. */
 	uint32_t snd_seq;    /* sequence number after the last byte in the send queue */
 	uint32_t rcv_seq;    /* sequence number after the last byte in the receive queue */
 	uint32_t inq_len;    /* bytes in the receive queue */
@@ -99,13 +102,15 @@ enum tcpr_error {
 	TCPR_E_UNSENT = -28,     /* sending the never-sent data after repair off */
 	TCPR_E_CLOSE = -29,      /* close() */
 	TCPR_E_ACK = -30,        /* window-announcing ACK not sent (the socket IS active) */
+	TCPR_E_FIN = -31,        /* re-creating a FIN: shutdown() or injecting the peer's FIN */
 };
 
 /* Name of the step an error code stands for ("freeze: not TCP", ...). Never NULL. */
 const char *tcpr_strerror(int code);
 
-/* Check that fd is a repairable TCP socket and switch repair mode on. On refusal the socket
- * is left untouched. */
+/* Check that fd is a repairable TCP socket and switch repair mode on. Repairable states:
+ * ESTABLISHED and the half-closed FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING. On
+ * refusal the socket is left untouched. */
 int tcpr_freeze(int fd);
 
 /* Dump a frozen socket. st->size must hold the caller's sizeof(struct tcpr_state). On
@@ -130,7 +135,13 @@ int tcpr_activate(int fd, const uint8_t *unsent, size_t len);
  * number, which the peer answers with a duplicate ACK without updating its view of our
  * window: if that view was stale (an ACK lost in the freeze, a zero window), the peer would
  * wait for its own zero-window probe timer. st is the state the socket was restored from.
- * TCPR_E_ACK means the socket is active and its bytes are sent; only the ACK failed. */
+ * TCPR_E_ACK means the socket is active and its bytes are sent; only the ACK failed.
+ *
+ * Half-closed states are finished here: a FIN the peer had sent is injected into the
+ * socket's own stack as a segment from the peer through raw_fd (so the session address must
+ * already receive on this device), an ACK of our FIN likewise for FIN_WAIT2, and our own
+ * FIN, if it had not been transmitted or the state is LAST_ACK, is sent with shutdown()
+ * after the never-sent bytes. */
 int tcpr_activate_ack(int fd, const struct tcpr_state *st, int raw_fd, const uint8_t *unsent,
 		      size_t len);
 

@@ -37,7 +37,7 @@ from sessmob.net import neigh
 from sessmob.net.announce import Announcer
 from sessmob.net.isolation import install_output_guard
 from sessmob.net.rtnl import AddressMove, Rtnl
-from sessmob.tcp_snapshot import TcpSnapshot
+from sessmob.tcp_snapshot import TCP_ESTABLISHED, TcpSnapshot
 
 from .topology import Testbed
 
@@ -164,6 +164,7 @@ class RawMover:
         clock = time.perf_counter
         done: list[str] = []
         new: socket.socket | None = None
+        addr_ready = False
         marks = [clock()]
         step = PHASES[0]
         try:
@@ -187,6 +188,11 @@ class RawMover:
                     finally:
                         netns.setns(self._home)
                 elif step == "activate":
+                    if snap.tcp_state != TCP_ESTABLISHED:
+                        # The peer's FIN is injected into the local stack: the address
+                        # must already receive here.
+                        d.addr.wait_usable()
+                        addr_ready = True
                     tcp_repair.activate(new, d.acks)  # type: ignore[arg-type]
                 done.append(step)
                 marks.append(clock())
@@ -198,7 +204,7 @@ class RawMover:
         errors: list[str] = []
         for step in PHASES[_COMMIT:]:
             try:
-                if step == "addr_ready":
+                if step == "addr_ready" and not addr_ready:
                     d.addr.wait_usable()
                 elif step == "announce":
                     d.announcer.send()

@@ -19,6 +19,15 @@ from dataclasses import dataclass, fields
 MAGIC = b"SMTS"
 VERSION = 1
 TCP_ESTABLISHED = 1
+# linux/tcp.h state numbers of the states a snapshot may hold (see docs/tcp_repair.md).
+TCP_FIN_WAIT1 = 4
+TCP_FIN_WAIT2 = 5
+TCP_CLOSE_WAIT = 8
+TCP_LAST_ACK = 9
+TCP_CLOSING = 11
+OUR_FIN_STATES = frozenset({TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_LAST_ACK, TCP_CLOSING})
+PEER_FIN_STATES = frozenset({TCP_CLOSE_WAIT, TCP_LAST_ACK, TCP_CLOSING})
+STATES = frozenset({TCP_ESTABLISHED}) | OUR_FIN_STATES | PEER_FIN_STATES
 DEFAULT_MAX_QUEUE = 64 << 20
 
 # Flag bits, the same values as TCPR_F_* in csrc/tcp_repair.h.
@@ -27,11 +36,12 @@ F_SACK = 0x0002
 F_WSCALE = 0x0004
 F_WINDOW = 0x0008
 F_V4MAPPED = 0x0010
+F_FIN_UNSENT = 0x0020
 F_NODELAY = 0x0100
 F_CORK = 0x0200
 F_KEEPALIVE = 0x0400
 F_NONBLOCK = 0x0800
-F_ALL = 0x0F1F
+F_ALL = 0x0F3F
 
 HEADER_V1 = struct.Struct(
     "<4sHHI"  # magic, version, header length, flags
@@ -320,10 +330,13 @@ def _validate(s: TcpSnapshot, max_queue: int) -> None:
             )
     if s.flags & ~F_ALL:
         raise SnapshotError(f"TCP snapshot has unknown flag bits {s.flags & ~F_ALL:#x}")
-    if s.tcp_state != TCP_ESTABLISHED:
+    if s.tcp_state not in STATES:
         raise SnapshotError(
-            f"TCP snapshot state {s.tcp_state} cannot be restored (only ESTABLISHED, 1)"
+            f"TCP snapshot state {s.tcp_state!r} cannot be restored (only ESTABLISHED, "
+            f"FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING: {sorted(STATES)})"
         )
+    if s.flags & F_FIN_UNSENT and s.tcp_state not in OUR_FIN_STATES:
+        raise SnapshotError("TCP snapshot has an unsent FIN in a state without our FIN")
     _in(s.local_port, 1, 65535, "local port")
     _in(s.remote_port, 1, 65535, "remote port")
     for name in ("snd_seq", "rcv_seq", "ts_val", "snd_wl1", "snd_wnd", "max_window"):
