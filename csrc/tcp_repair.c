@@ -801,3 +801,47 @@ int tcpr_release(int fd)
 		return TCPR_E_CLOSE;
 	return TCPR_OK;
 }
+
+/* Record one socket's outcome of a batch: its code, and errno where it failed. */
+static size_t note(int rc, int *rcs, int *errs, size_t i)
+{
+	rcs[i] = rc;
+	errs[i] = rc ? errno : 0;
+	return rc != TCPR_OK;
+}
+
+size_t tcpr_freeze_many(const int *fds, size_t n, int *rcs, int *errs)
+{
+	size_t failed = 0;
+	for (size_t i = 0; i < n; i++)
+		failed += note(tcpr_freeze(fds[i]), rcs, errs, i);
+	return failed;
+}
+
+size_t tcpr_dump_many(const int *fds, size_t n, struct tcpr_state *states, uint8_t **queues,
+		      int *rcs, int *errs)
+{
+	size_t failed = 0;
+	for (size_t i = 0; i < n; i++) {
+		states[i].size = sizeof(states[i]);
+		failed += note(tcpr_dump(fds[i], &states[i], &queues[i]), rcs, errs, i);
+	}
+	return failed;
+}
+
+size_t tcpr_restore_many(const struct tcpr_state *const *states, const uint8_t *const *queues,
+			 size_t n, int *fds, int *rcs, int *errs)
+{
+	size_t failed = 0;
+	for (size_t i = 0; i < n; i++)
+		failed += note(tcpr_restore(states[i], queues[i], &fds[i]), rcs, errs, i);
+	return failed;
+}
+
+size_t tcpr_release_many(const int *fds, size_t n, int *rcs, int *errs)
+{
+	size_t failed = 0;
+	for (size_t i = 0; i < n; i++)
+		failed += note(tcpr_release(fds[i]), rcs, errs, i);
+	return failed;
+}

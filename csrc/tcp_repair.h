@@ -145,6 +145,18 @@ int tcpr_activate(int fd, const uint8_t *unsent, size_t len);
 int tcpr_activate_ack(int fd, const struct tcpr_state *st, int raw_fd, const uint8_t *unsent,
 		      size_t len);
 
+/* Batches: the same operations over n sockets in one call, so a session's connections cost
+ * no per-socket crossing into C. Each socket gets its own code in rcs[i] and, where it failed,
+ * its errno in errs[i]; a failure does not stop the others. Return the number that failed. */
+size_t tcpr_freeze_many(const int *fds, size_t n, int *rcs, int *errs);
+/* states is an array of the caller's struct (sizes are set here); queues[i] as for tcpr_dump. */
+size_t tcpr_dump_many(const int *fds, size_t n, struct tcpr_state *states, uint8_t **queues,
+		      int *rcs, int *errs);
+/* fds[i] is -1 where restore failed. */
+size_t tcpr_restore_many(const struct tcpr_state *const *states, const uint8_t *const *queues,
+			 size_t n, int *fds, int *rcs, int *errs);
+size_t tcpr_release_many(const int *fds, size_t n, int *rcs, int *errs);
+
 /* Undo tcpr_freeze on the exporting side after a failed move: repair mode off. */
 int tcpr_resume(int fd);
 

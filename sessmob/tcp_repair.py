@@ -21,8 +21,10 @@ repaired at all raise its subclass NotRepairable and are left untouched.
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import socket
+import struct
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +40,7 @@ from sessmob.tcp_snapshot import (
 
 __all__ = [
     "AckSender",
+    "BatchError",
     "NotRepairable",
     "SnapshotError",
     "TcpRepairError",
@@ -45,9 +48,13 @@ __all__ = [
     "UnsupportedVersion",
     "activate",
     "dump",
+    "dump_many",
     "freeze",
+    "freeze_many",
     "release",
+    "release_many",
     "restore",
+    "restore_many",
     "resume",
 ]
 
@@ -74,7 +81,7 @@ class _Restored:
     """What activate() needs of a socket restore() built: its state and never-sent bytes."""
 
     inode: int
-    state: Any  # struct tcpr_state * (cffi)
+    state: tuple[TcpSnapshot, Any]  # the snapshot (owns the memory) and its struct tcpr_state *
     unsent: memoryview
     v4: bool  # the flow speaks IPv4 (AF_INET, or AF_INET6 with mapped addresses)
 
@@ -160,37 +167,53 @@ def freeze(sock: FdLike) -> None:
     _check("freeze", lib.tcpr_freeze(fd), fd)
 
 
-def dump(sock: FdLike) -> TcpSnapshot:
-    """Read the complete state of a frozen socket. The socket itself is not changed."""
-    fd = _fileno(sock)
-    st = ffi.new("struct tcpr_state *")
-    st.size = ffi.sizeof("struct tcpr_state")
-    qp = ffi.new("uint8_t **")
-    _check("dump", lib.tcpr_dump(fd, st, qp), fd)
-    n = st.inq_len + st.outq_len
-    # The snapshot keeps the C buffer (freed with it) instead of copying the queues.
-    queues = memoryview(ffi.buffer(ffi.gc(qp[0], lib.free), n)) if n else memoryview(b"")
-    family = st.family
+def _layout() -> tuple[struct.Struct, list[str]]:
+    """A struct.Struct reading all of struct tcpr_state at once (one call instead of one
+    cffi attribute access per field: this is per socket in batches of a thousand)."""
+    codes = {"uint32_t": "I", "int32_t": "i", "uint16_t": "H", "uint8_t": "B"}
+    fmt, names, pos = ["="], [], 0
+    for name, f in ffi.typeof("struct tcpr_state").fields:
+        size = ffi.sizeof(f.type)
+        if f.offset > pos:
+            fmt.append(f"{f.offset - pos}x")
+        fmt.append(codes.get(f.type.cname, f"{size}s"))
+        names.append(name)
+        pos = f.offset + size
+    fmt.append(f"{ffi.sizeof('struct tcpr_state') - pos}x")
+    return struct.Struct("".join(fmt)), names
+
+
+_LAYOUT, _LAYOUT_NAMES = _layout()
+_INT_INDEX = operator.itemgetter(*(_LAYOUT_NAMES.index(n) for n in _INT_FIELDS))
+_I = {n: _LAYOUT_NAMES.index(n) for n in ("family", "src_addr", "dst_addr", "src_port",
+                                           "dst_port", "congestion")}  # fmt: skip
+
+
+def _snapshot(owner: Any, st: Any, qbuf: Any) -> TcpSnapshot:
+    """A TcpSnapshot over a dumped state; the queue buffer is adopted (freed with it)."""
+    v = _LAYOUT.unpack(ffi.buffer(st))
+    ints = dict(zip(_INT_FIELDS, _INT_INDEX(v), strict=True))
+    n = ints["inq_len"] + ints["outq_len"]
+    queues = memoryview(ffi.buffer(ffi.gc(qbuf, lib.free), n)) if n else memoryview(b"")
+    family = v[_I["family"]]
     alen = 4 if family == socket.AF_INET else 16
-    values = {name: getattr(st, name) for name in _INT_FIELDS}
     return TcpSnapshot(
         family=family,
-        local_addr=socket.inet_ntop(family, ffi.buffer(st.src_addr, alen)[:]),
-        local_port=st.src_port,
-        remote_addr=socket.inet_ntop(family, ffi.buffer(st.dst_addr, alen)[:]),
-        remote_port=st.dst_port,
-        congestion=ffi.string(st.congestion).decode("ascii", "replace"),
+        local_addr=socket.inet_ntop(family, v[_I["src_addr"]][:alen]),
+        local_port=v[_I["src_port"]],
+        remote_addr=socket.inet_ntop(family, v[_I["dst_addr"]][:alen]),
+        remote_port=v[_I["dst_port"]],
+        congestion=v[_I["congestion"]].partition(b"\0")[0].decode("ascii", "replace"),
         queues=queues,
-        **values,
+        _native=(owner, st),
+        **ints,
     )
 
 
-def restore(snapshot: TcpSnapshot) -> socket.socket:
-    """Rebuild the connection as a new socket in the calling thread's network namespace.
-
-    The socket stays in repair mode (silent) until activate(); the local address need not be
-    configured yet (IP_FREEBIND). The snapshot is validated first.
-    """
+def _native_state(snapshot: TcpSnapshot) -> Any:
+    """The snapshot as a struct tcpr_state: the dumped one, or built (and cached) once."""
+    if snapshot._native is not None:
+        return snapshot._native[1]
     snapshot.validate()
     st = ffi.new("struct tcpr_state *")
     st.version = lib.TCPR_STATE_VERSION
@@ -203,25 +226,152 @@ def restore(snapshot: TcpSnapshot) -> socket.socket:
     st.src_port = snapshot.local_port
     st.dst_port = snapshot.remote_port
     st.congestion = snapshot.congestion.encode("ascii")
-    queues = ffi.from_buffer(snapshot.queues) if len(snapshot.queues) else ffi.NULL
-    fdp = ffi.new("int *")
-    rc = lib.tcpr_restore(st, queues, fdp)
-    if rc:
-        raise TcpRepairError(
-            "restore",
-            rc,
-            ffi.errno,
-            f"[{snapshot.local_addr}]:{snapshot.local_port} -> "
-            f"[{snapshot.remote_addr}]:{snapshot.remote_port}",
-        )
-    fd = fdp[0]
+    object.__setattr__(snapshot, "_native", (st, st))
+    return st
+
+
+def _adopt(fd: int, snapshot: TcpSnapshot, st: Any) -> socket.socket:
+    """Wrap a restored fd and remember what activate() will need."""
     sock = socket.socket(snapshot.family, socket.SOCK_STREAM, socket.IPPROTO_TCP, fileno=fd)
     if snapshot.flags & F_NONBLOCK:
         sock.setblocking(False)
     v4 = snapshot.family == socket.AF_INET or bool(snapshot.flags & F_V4MAPPED)
     with _restored_lock:
-        _restored[fd] = _Restored(os.fstat(fd).st_ino, st, snapshot.unsent, v4)
+        _restored[fd] = _Restored(os.fstat(fd).st_ino, (snapshot, st), snapshot.unsent, v4)
     return sock
+
+
+def _flow(snapshot: TcpSnapshot) -> str:
+    return (
+        f"[{snapshot.local_addr}]:{snapshot.local_port} -> "
+        f"[{snapshot.remote_addr}]:{snapshot.remote_port}"
+    )
+
+
+def dump(sock: FdLike) -> TcpSnapshot:
+    """Read the complete state of a frozen socket. The socket itself is not changed."""
+    fd = _fileno(sock)
+    st = ffi.new("struct tcpr_state *")
+    st.size = ffi.sizeof("struct tcpr_state")
+    qp = ffi.new("uint8_t **")
+    _check("dump", lib.tcpr_dump(fd, st, qp), fd)
+    return _snapshot(st, st, qp[0])
+
+
+def restore(snapshot: TcpSnapshot) -> socket.socket:
+    """Rebuild the connection as a new socket in the calling thread's network namespace.
+
+    The socket stays in repair mode (silent) until activate(); the local address need not be
+    configured yet (IP_FREEBIND). A snapshot not made by dump() is validated first.
+    """
+    st = _native_state(snapshot)
+    queues = ffi.from_buffer(snapshot.queues) if len(snapshot.queues) else ffi.NULL
+    fdp = ffi.new("int *")
+    rc = lib.tcpr_restore(st, queues, fdp)
+    if rc:
+        raise TcpRepairError("restore", rc, ffi.errno, _flow(snapshot))
+    return _adopt(fdp[0], snapshot, st)
+
+
+class BatchError(Exception):
+    """Some sockets of a batch failed. `results` holds, per input and in order, the result or
+    the TcpRepairError; `errors` maps the failed indices to their errors."""
+
+    def __init__(self, op: str, results: list[Any]) -> None:
+        self.results = results
+        self.errors = {i: r for i, r in enumerate(results) if isinstance(r, TcpRepairError)}
+        first = next(iter(self.errors.values()))
+        super().__init__(
+            f"{op}: {len(self.errors)} of {len(results)} sockets failed; first: {first}"
+        )
+
+
+class _Outcome:
+    """Per-socket codes and errnos of one batch call."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.rcs = ffi.new("int[]", n)
+        self.errs = ffi.new("int[]", n)
+
+    def errors(self, op: str, where: Any) -> dict[int, TcpRepairError]:
+        """Exceptions for the failed indices only."""
+        errors: dict[int, TcpRepairError] = {}
+        for i in range(self.n):
+            rc = self.rcs[i]
+            if rc:
+                cls = NotRepairable if rc in _REFUSALS else TcpRepairError
+                errors[i] = cls(op, rc, self.errs[i], where(i))
+        return errors
+
+
+def freeze_many(socks: list[FdLike]) -> None:
+    """freeze() every socket in one call into C; raises BatchError naming the failed ones
+    (the others are frozen)."""
+    fds = ffi.new("int[]", [_fileno(s) for s in socks])
+    out = _Outcome(len(socks))
+    if lib.tcpr_freeze_many(fds, len(socks), out.rcs, out.errs):
+        errors = out.errors("freeze", lambda i: _describe(fds[i]))
+        raise BatchError("freeze", [errors.get(i) for i in range(len(socks))])
+
+
+def dump_many(socks: list[FdLike]) -> list[TcpSnapshot]:
+    """dump() every socket in one call into C. On failures raises BatchError whose `results`
+    keep the snapshots of the sockets that succeeded."""
+    n = len(socks)
+    fds = ffi.new("int[]", [_fileno(s) for s in socks])
+    states = ffi.new("struct tcpr_state[]", n)
+    queues = ffi.new("uint8_t *[]", n)
+    out = _Outcome(n)
+    failed = lib.tcpr_dump_many(fds, n, states, queues, out.rcs, out.errs)
+    errors = out.errors("dump", lambda i: _describe(fds[i])) if failed else {}
+    results: list[Any] = [
+        errors[i] if i in errors else _snapshot(states, states + i, queues[i]) for i in range(n)
+    ]
+    if errors:
+        raise BatchError("dump", results)
+    return results
+
+
+def restore_many(snapshots: list[TcpSnapshot]) -> list[socket.socket]:
+    """restore() every snapshot in one call into C (in the calling thread's namespace). On
+    failures raises BatchError whose `results` hold the sockets that were restored (still in
+    repair mode: release() them to roll back)."""
+    n = len(snapshots)
+    states = [_native_state(s) for s in snapshots]
+    bufs = [ffi.from_buffer(s.queues) if len(s.queues) else ffi.NULL for s in snapshots]
+    fds = ffi.new("int[]", n)
+    out = _Outcome(n)
+    failed = lib.tcpr_restore_many(
+        ffi.new("struct tcpr_state *[]", states),
+        ffi.new("uint8_t *[]", bufs),
+        n,
+        fds,
+        out.rcs,
+        out.errs,
+    )
+    errors = out.errors("restore", lambda i: _flow(snapshots[i])) if failed else {}
+    results: list[Any] = [
+        errors[i] if i in errors else _adopt(fds[i], snapshots[i], states[i]) for i in range(n)
+    ]
+    if errors:
+        raise BatchError("restore", results)
+    return results
+
+
+def release_many(socks: list[FdLike]) -> None:
+    """release() every socket in one call into C; raises BatchError for the failed ones."""
+    fds = [_fileno(s) for s in socks]
+    for s in socks:
+        if isinstance(s, socket.socket):
+            s.detach()
+    with _restored_lock:
+        for fd in fds:
+            _restored.pop(fd, None)
+    out = _Outcome(len(fds))
+    if lib.tcpr_release_many(ffi.new("int[]", fds), len(fds), out.rcs, out.errs):
+        errors = out.errors("release", lambda i: f"fd {fds[i]}")
+        raise BatchError("release", [errors.get(i) for i in range(len(fds))])
 
 
 def _take_restored(fd: int) -> _Restored | None:
@@ -285,7 +435,7 @@ def activate(sock: FdLike, acks: AckSender | None = None) -> None:
     try:
         raw = (senders.v4 if entry.v4 else senders.v6).fileno()
         unsent = ffi.from_buffer(entry.unsent) if len(entry.unsent) else ffi.NULL
-        rc = lib.tcpr_activate_ack(fd, entry.state, raw, unsent, len(entry.unsent))
+        rc = lib.tcpr_activate_ack(fd, entry.state[1], raw, unsent, len(entry.unsent))
     finally:
         if own:
             senders.close()

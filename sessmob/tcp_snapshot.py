@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import socket
 import struct
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 MAGIC = b"SMTS"
 VERSION = 1
@@ -68,7 +69,7 @@ class UnsupportedVersion(SnapshotError):
     """The byte form is of a version this sessmob does not read."""
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, eq=False, frozen=True)
 class TcpSnapshot:
     """Everything needed to rebuild one TCP connection on another device.
 
@@ -111,6 +112,9 @@ class TcpSnapshot:
     ttl: int
     congestion: str
     queues: memoryview
+    # The native state this snapshot was dumped into (or already converted to), kept so that
+    # restoring costs no conversion: (owner, struct pointer). Frozen: it cannot go stale.
+    _native: Any = field(default=None, repr=False, compare=False)
 
     # -- views ---------------------------------------------------------------------------
 
@@ -151,7 +155,7 @@ class TcpSnapshot:
         return all(
             getattr(self, f.name) == getattr(other, f.name)
             for f in fields(self)
-            if f.name != "queues"
+            if f.name not in ("queues", "_native")
         ) and bytes(self.queues) == bytes(other.queues)
 
     # -- checks --------------------------------------------------------------------------

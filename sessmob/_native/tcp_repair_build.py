@@ -31,6 +31,12 @@ ffi.cdef(
     int tcpr_activate_ack(int fd, const struct tcpr_state *st, int raw_fd,
                           const uint8_t *unsent, size_t len);
     int tcpr_resume(int fd);
+    size_t tcpr_freeze_many(const int *fds, size_t n, int *rcs, int *errs);
+    size_t tcpr_dump_many(const int *fds, size_t n, struct tcpr_state *states,
+                          uint8_t **queues, int *rcs, int *errs);
+    size_t tcpr_restore_many(const struct tcpr_state *const *states,
+                             const uint8_t *const *queues, size_t n, int *fds, int *rcs, int *errs);
+    size_t tcpr_release_many(const int *fds, size_t n, int *rcs, int *errs);
     int tcpr_release(int fd);
     void free(void *);
     """
