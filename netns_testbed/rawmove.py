@@ -27,6 +27,7 @@ retransmits whatever it sent into the isolation.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -151,20 +152,35 @@ class RawMover:
         fail_at: str | None = None,
         via_bytes: bool = False,
     ) -> tuple[socket.socket, MoveTiming]:
-        """Move `sock` (a connection on the session address) from `src` to `dst`.
+        """Move one connection; see move_many()."""
+        new, timing = self.move_many([sock], src, dst, fail_at=fail_at, via_bytes=via_bytes)
+        return new[0], timing
 
-        Returns the new socket (active, in dst's namespace) and the timings. On failure raises
-        MoveFailed after rolling back; `fail_at` names a phase at which to fail on purpose
-        (fault injection for tests of the rollback path). `via_bytes` sends the snapshot
-        through its byte form, as a transfer between devices would.
+    def move_many(
+        self,
+        socks: list[socket.socket],
+        src: str,
+        dst: str,
+        *,
+        fail_at: str | None = None,
+        via_bytes: bool = False,
+    ) -> tuple[list[socket.socket], MoveTiming]:
+        """Move connections on the session address from `src` to `dst`, all in one go.
+
+        Returns the new sockets (active, in dst's namespace, in the same order) and the
+        timings. On failure raises MoveFailed after rolling back; `fail_at` names a phase at
+        which to fail on purpose (fault injection for tests of the rollback path).
+        `via_bytes` sends the snapshots through their byte form, as a transfer would.
         """
         if fail_at is not None and fail_at not in PHASES[:_COMMIT]:
             raise ValueError(f"fail_at must name a phase up to 'activate', not {fail_at!r}")
         s, d = self.devices[src], self.devices[dst]
         clock = time.perf_counter
         done: list[str] = []
-        new: socket.socket | None = None
+        new: list[socket.socket] = []
+        snaps: list[TcpSnapshot] = []
         addr_ready = False
+        errors: list[str] = []
         marks = [clock()]
         step = PHASES[0]
         try:
@@ -174,34 +190,36 @@ class RawMover:
                 if step == "isolate":
                     s.addr.delete()
                 elif step == "freeze":
-                    tcp_repair.freeze(sock)
+                    tcp_repair.freeze_many(socks)  # type: ignore[arg-type]
                 elif step == "dump":
-                    snap = tcp_repair.dump(sock)
+                    snaps = tcp_repair.dump_many(socks)  # type: ignore[arg-type]
                     if via_bytes:
-                        snap = TcpSnapshot.from_bytes(snap.to_bytes())
+                        snaps = [TcpSnapshot.from_bytes(x.to_bytes()) for x in snaps]
                 elif step == "addr_add":
                     d.addr.add(wait=False)
                 elif step == "restore":
                     netns.setns(d.ns_fd)
                     try:
-                        new = tcp_repair.restore(snap)
+                        new = tcp_repair.restore_many(snaps)
+                    except tcp_repair.BatchError as e:
+                        new = [r for r in e.results if isinstance(r, socket.socket)]
+                        raise
                     finally:
                         netns.setns(self._home)
                 elif step == "activate":
-                    if snap.tcp_state != TCP_ESTABLISHED:
-                        # The peer's FIN is injected into the local stack: the address
-                        # must already receive here.
+                    if any(x.tcp_state != TCP_ESTABLISHED for x in snaps):
+                        # A peer's FIN is injected into the local stack: the address must
+                        # already receive here.
                         d.addr.wait_usable()
                         addr_ready = True
-                    tcp_repair.activate(new, d.acks)  # type: ignore[arg-type]
+                    self._activate(new, d, errors)
                 done.append(step)
                 marks.append(clock())
         except BaseException as e:
-            self._rollback(sock, new, done, s, d)
+            self._rollback(socks, new, done, s, d)
             raise MoveFailed(step, e) from e
-        # Past the commit point the destination owns the connection: a failure here costs
-        # the peer a retransmission or a neighbour probe, never the connection.
-        errors: list[str] = []
+        # Past the commit point the destination owns the connections: a failure here costs
+        # the peer a retransmission or a neighbour probe, never a connection.
         for step in PHASES[_COMMIT:]:
             try:
                 if step == "addr_ready" and not addr_ready:
@@ -212,31 +230,47 @@ class RawMover:
                 errors.append(f"{step}: {e}")
             marks.append(clock())
         t_release = clock()
-        tcp_repair.release(sock)
-        assert new is not None
+        tcp_repair.release_many(socks)  # type: ignore[arg-type]
         return new, MoveTiming(
             phases={p: marks[i + 1] - marks[i] for i, p in enumerate(PHASES)},
             t_mig=marks[-1] - marks[0],
             freeze_to_restored=marks[PHASES.index("restore") + 1] - marks[1],
             release=clock() - t_release,
-            queued_bytes=snap.inq_len + snap.outq_len,
+            queued_bytes=sum(x.inq_len + x.outq_len for x in snaps),
             post_commit_errors=errors,
         )
 
+    @staticmethod
+    def _activate(new: list[socket.socket], d: _Device, errors: list[str]) -> None:
+        """Activate every restored socket. The first activation is the commit point: if it
+        fails, everything rolls back; a later failure is recorded (that flow is lost — it
+        has never been seen to happen: leaving repair mode does not fail on a socket that
+        was just restored)."""
+        for i, sock in enumerate(new):
+            try:
+                tcp_repair.activate(sock, d.acks)
+            except tcp_repair.TcpRepairError as e:
+                if i == 0:
+                    raise
+                errors.append(f"activate flow {i}: {e}")
+
     def _rollback(
         self,
-        sock: socket.socket,
-        new: socket.socket | None,
+        socks: list[socket.socket],
+        new: list[socket.socket],
         done: list[str],
         s: _Device,
         d: _Device,
     ) -> None:
-        """Undo the steps in `done`, newest first, leaving the connection on the source."""
-        if new is not None:
-            tcp_repair.release(new)
+        """Undo the steps in `done`, newest first, leaving the connections on the source."""
+        if new:
+            tcp_repair.release_many(new)  # type: ignore[arg-type]
         if "addr_add" in done:
             d.addr.delete()
         if "isolate" in done:
             s.addr.add()
-        if "freeze" in done:
-            tcp_repair.resume(sock)
+            # The freeze was attempted: resume every socket (a partial freeze_many leaves
+            # some frozen; leaving repair mode on an unfrozen one only sends a probe).
+            for sock in socks:
+                with contextlib.suppress(tcp_repair.TcpRepairError):
+                    tcp_repair.resume(sock)
