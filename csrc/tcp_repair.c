@@ -768,7 +768,9 @@ int tcpr_activate_ack(int fd, const struct tcpr_state *st, int raw_fd, const uin
 		errno = EINVAL;
 		return rc;
 	}
-	if (set_int(fd, SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF) < 0)
+	/* No kernel window probe (an old-sequence segment the peer only dup-ACKs): the ACK
+	 * below tells the peer more, and the peer's window is restored already. */
+	if (set_int(fd, SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP) < 0)
 		return TCPR_E_REPAIR_OFF;
 	/* The socket is live from here on: a lost ACK costs the peer a probe, not the flow. */
 	rc = send_window_ack(fd, st, raw_fd);
@@ -843,5 +845,20 @@ size_t tcpr_release_many(const int *fds, size_t n, int *rcs, int *errs)
 	size_t failed = 0;
 	for (size_t i = 0; i < n; i++)
 		failed += note(tcpr_release(fds[i]), rcs, errs, i);
+	return failed;
+}
+
+size_t tcpr_activate_many(const int *fds, const struct tcpr_state *const *states, int raw4,
+			  int raw6, const uint8_t *const *unsent, const size_t *lens, size_t n,
+			  int *rcs, int *errs)
+{
+	size_t failed = 0;
+	for (size_t i = 0; i < n; i++) {
+		const struct tcpr_state *st = states[i];
+		int v4 = st->family == AF_INET || (st->flags & TCPR_F_V4MAPPED);
+		int rc = tcpr_activate_ack(fds[i], st, v4 ? raw4 : raw6, unsent[i], lens[i]);
+		/* A missing courtesy ACK leaves the socket active: not a failure of the batch. */
+		failed += note(rc == TCPR_E_ACK ? TCPR_OK : rc, rcs, errs, i);
+	}
 	return failed;
 }

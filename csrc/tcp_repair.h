@@ -156,6 +156,11 @@ size_t tcpr_dump_many(const int *fds, size_t n, struct tcpr_state *states, uint8
 size_t tcpr_restore_many(const struct tcpr_state *const *states, const uint8_t *const *queues,
 			 size_t n, int *fds, int *rcs, int *errs);
 size_t tcpr_release_many(const int *fds, size_t n, int *rcs, int *errs);
+/* tcpr_activate_ack for each socket; raw4/raw6 are the IPPROTO_RAW sockets per IP version.
+ * A window ACK that could not be sent does not count as a failure (the socket is active). */
+size_t tcpr_activate_many(const int *fds, const struct tcpr_state *const *states, int raw4,
+			  int raw6, const uint8_t *const *unsent, const size_t *lens, size_t n,
+			  int *rcs, int *errs);
 
 /* Undo tcpr_freeze on the exporting side after a failed move: repair mode off. */
 int tcpr_resume(int fd);

@@ -242,17 +242,16 @@ class RawMover:
 
     @staticmethod
     def _activate(new: list[socket.socket], d: _Device, errors: list[str]) -> None:
-        """Activate every restored socket. The first activation is the commit point: if it
-        fails, everything rolls back; a later failure is recorded (that flow is lost — it
-        has never been seen to happen: leaving repair mode does not fail on a socket that
-        was just restored)."""
-        for i, sock in enumerate(new):
-            try:
-                tcp_repair.activate(sock, d.acks)
-            except tcp_repair.TcpRepairError as e:
-                if i == 0:
-                    raise
-                errors.append(f"activate flow {i}: {e}")
+        """Activate every restored socket in one call. This is the commit point: if none
+        became active, everything rolls back; if only some failed, those are recorded (a
+        flow lost — never seen: leaving repair mode does not fail on a socket that was just
+        restored) and the rest goes on."""
+        try:
+            tcp_repair.activate_many(new, d.acks)  # type: ignore[arg-type]
+        except tcp_repair.BatchError as e:
+            if len(e.errors) == len(new):
+                raise
+            errors.extend(f"activate flow {i}: {err}" for i, err in e.errors.items())
 
     def _rollback(
         self,

@@ -47,6 +47,7 @@ __all__ = [
     "TcpSnapshot",
     "UnsupportedVersion",
     "activate",
+    "activate_many",
     "dump",
     "dump_many",
     "freeze",
@@ -357,6 +358,40 @@ def restore_many(snapshots: list[TcpSnapshot]) -> list[socket.socket]:
     if errors:
         raise BatchError("restore", results)
     return results
+
+
+def activate_many(socks: list[FdLike], acks: AckSender | None = None) -> None:
+    """activate() every socket restore() or restore_many() built, in one call into C.
+
+    Raises BatchError for the failed ones; the others are active."""
+    n = len(socks)
+    fds = [_fileno(s) for s in socks]
+    entries = [_take_restored(fd) for fd in fds]
+    missing = [i for i, e in enumerate(entries) if e is None]
+    if missing:
+        raise ValueError(f"activate_many: sockets {missing[:5]} were not built by restore()")
+    own = acks is None
+    senders = AckSender() if acks is None else acks
+    try:
+        keep = [e.unsent for e in entries if e is not None]
+        out = _Outcome(n)
+        failed = lib.tcpr_activate_many(
+            ffi.new("int[]", fds),
+            ffi.new("struct tcpr_state *[]", [e.state[1] for e in entries if e is not None]),
+            senders.v4.fileno(),
+            senders.v6.fileno(),
+            ffi.new("uint8_t *[]", [ffi.from_buffer(u) if len(u) else ffi.NULL for u in keep]),
+            ffi.new("size_t[]", [len(u) for u in keep]),
+            n,
+            out.rcs,
+            out.errs,
+        )
+    finally:
+        if own:
+            senders.close()
+    if failed:
+        errors = out.errors("activate", lambda i: _describe(fds[i]))
+        raise BatchError("activate", [errors.get(i) for i in range(n)])
 
 
 def release_many(socks: list[FdLike]) -> None:

@@ -37,6 +37,9 @@ ffi.cdef(
     size_t tcpr_restore_many(const struct tcpr_state *const *states,
                              const uint8_t *const *queues, size_t n, int *fds, int *rcs, int *errs);
     size_t tcpr_release_many(const int *fds, size_t n, int *rcs, int *errs);
+    size_t tcpr_activate_many(const int *fds, const struct tcpr_state *const *states,
+                              int raw4, int raw6, const uint8_t *const *unsent,
+                              const size_t *lens, size_t n, int *rcs, int *errs);
     int tcpr_release(int fd);
     void free(void *);
     """
