@@ -20,6 +20,7 @@ repaired at all raise its subclass NotRepairable and are left untouched.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
 import os
@@ -185,7 +186,11 @@ def _layout() -> tuple[struct.Struct, list[str]]:
 
 
 _LAYOUT, _LAYOUT_NAMES = _layout()
+# _snapshot() passes fields positionally: TcpSnapshot must declare the integers in this order.
+assert [f.name for f in dataclasses.fields(TcpSnapshot)][5:31] == list(_INT_FIELDS)
 _INT_INDEX = operator.itemgetter(*(_LAYOUT_NAMES.index(n) for n in _INT_FIELDS))
+_INQ, _OUTQ = _INT_FIELDS.index("inq_len"), _INT_FIELDS.index("outq_len")
+_EMPTY = memoryview(b"")
 _I = {n: _LAYOUT_NAMES.index(n) for n in ("family", "src_addr", "dst_addr", "src_port",
                                            "dst_port", "congestion")}  # fmt: skip
 
@@ -193,21 +198,21 @@ _I = {n: _LAYOUT_NAMES.index(n) for n in ("family", "src_addr", "dst_addr", "src
 def _snapshot(owner: Any, st: Any, qbuf: Any) -> TcpSnapshot:
     """A TcpSnapshot over a dumped state; the queue buffer is adopted (freed with it)."""
     v = _LAYOUT.unpack(ffi.buffer(st))
-    ints = dict(zip(_INT_FIELDS, _INT_INDEX(v), strict=True))
-    n = ints["inq_len"] + ints["outq_len"]
-    queues = memoryview(ffi.buffer(ffi.gc(qbuf, lib.free), n)) if n else memoryview(b"")
+    ints = _INT_INDEX(v)  # TcpSnapshot declares these in _INT_FIELDS order, flags .. ttl
+    n = ints[_INQ] + ints[_OUTQ]
+    queues = memoryview(ffi.buffer(ffi.gc(qbuf, lib.free), n)) if n else _EMPTY
     family = v[_I["family"]]
     alen = 4 if family == socket.AF_INET else 16
-    return TcpSnapshot(
-        family=family,
-        local_addr=socket.inet_ntop(family, v[_I["src_addr"]][:alen]),
-        local_port=v[_I["src_port"]],
-        remote_addr=socket.inet_ntop(family, v[_I["dst_addr"]][:alen]),
-        remote_port=v[_I["dst_port"]],
-        congestion=v[_I["congestion"]].partition(b"\0")[0].decode("ascii", "replace"),
-        queues=queues,
-        _native=(owner, st),
-        **ints,
+    return TcpSnapshot(  # type: ignore[call-arg]  # ints: 26 fields, checked at import
+        family,
+        socket.inet_ntop(family, v[_I["src_addr"]][:alen]),
+        v[_I["src_port"]],
+        socket.inet_ntop(family, v[_I["dst_addr"]][:alen]),
+        v[_I["dst_port"]],
+        *ints,
+        v[_I["congestion"]].partition(b"\0")[0].decode("ascii", "replace"),
+        queues,
+        (owner, st),
     )
 
 
@@ -238,7 +243,8 @@ def _adopt(fd: int, snapshot: TcpSnapshot, st: Any) -> socket.socket:
         sock.setblocking(False)
     v4 = snapshot.family == socket.AF_INET or bool(snapshot.flags & F_V4MAPPED)
     with _restored_lock:
-        _restored[fd] = _Restored(os.fstat(fd).st_ino, (snapshot, st), snapshot.unsent, v4)
+        unsent = snapshot.unsent if snapshot.unsent_len else _EMPTY
+        _restored[fd] = _Restored(os.fstat(fd).st_ino, (snapshot, st), unsent, v4)
     return sock
 
 
