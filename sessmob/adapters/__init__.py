@@ -1,0 +1,1 @@
+"""Adapters behind interface A: application, transport (TCP, UDP) and network (address)."""
