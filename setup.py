@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["sessmob", "sessmob.*", "netns_testbed", "netns_testbed.*"]),
     setup_requires=["cffi>=1.15"],
-    install_requires=["cffi>=1.15", "pyroute2>=0.7", "scapy>=2.5", "PyNaCl>=1.5"],
+    install_requires=["cffi>=1.15", "pyroute2>=0.7", "scapy>=2.5", "PyNaCl>=1.5", "msgpack>=1.0"],
     extras_require={"dev": ["pytest>=7", "ruff", "mypy"]},
     cffi_modules=["sessmob/_native/tcp_repair_build.py:ffi"],
     entry_points={"console_scripts": ["sessmob=sessmob.cli:main"]},
