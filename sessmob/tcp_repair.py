@@ -203,7 +203,7 @@ def _snapshot(owner: Any, st: Any, qbuf: Any) -> TcpSnapshot:
     queues = memoryview(ffi.buffer(ffi.gc(qbuf, lib.free), n)) if n else _EMPTY
     family = v[_I["family"]]
     alen = 4 if family == socket.AF_INET else 16
-    return TcpSnapshot(  # type: ignore[call-arg]  # ints: 26 fields, checked at import
+    snap = TcpSnapshot(  # type: ignore[call-arg]  # ints: 26 fields, checked at import
         family,
         socket.inet_ntop(family, v[_I["src_addr"]][:alen]),
         v[_I["src_port"]],
@@ -212,8 +212,9 @@ def _snapshot(owner: Any, st: Any, qbuf: Any) -> TcpSnapshot:
         *ints,
         v[_I["congestion"]].partition(b"\0")[0].decode("ascii", "replace"),
         queues,
-        (owner, st),
     )
+    object.__setattr__(snap, "_native", (owner, st))
+    return snap
 
 
 def _native_state(snapshot: TcpSnapshot) -> Any:

@@ -113,8 +113,9 @@ class TcpSnapshot:
     congestion: str
     queues: memoryview
     # The native state this snapshot was dumped into (or already converted to), kept so that
-    # restoring costs no conversion: (owner, struct pointer). Frozen: it cannot go stale.
-    _native: Any = field(default=None, repr=False, compare=False)
+    # restoring costs no conversion: (owner, struct pointer). Frozen: it cannot go stale; and
+    # not an __init__ argument, so that dataclasses.replace() starts the copy without it.
+    _native: Any = field(default=None, init=False, repr=False, compare=False)
 
     # -- views ---------------------------------------------------------------------------
 
