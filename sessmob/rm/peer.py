@@ -1,0 +1,572 @@
+"""Interface R: the exporting RM (ED) drives a move on the importing RM (ID).
+
+Four requests, each answered by exactly one reply with the same "id" (docs/protocols.md):
+
+    check     CheckPreconditions       offer            -> reserved {rid, ttl} | refused | error
+    transfer  InitiateSessionTransfer  rid, p=document  -> done | error
+              (with "go": true also ActivateSession  -> activated {ms} | error)
+    activate  ActivateSession          rid              -> activated {ms} | error
+    abort     Abort                    rid, reason      -> done | error
+
+Only `transfer` and `activate` sit inside the freeze window: one round trip each (or one in
+all with `transfer_and_activate`), the document as one binary field. The ED connects and checks
+before it freezes anything and reuses that channel.
+
+A reservation belongs to the channel that obtained it: another channel cannot transfer,
+activate or abort it ("unknown reservation"), and when the channel closes, every reservation
+it holds that was not activated or aborted is aborted on ID at once instead of waiting for its
+expiry. After activation (the commit point) a reservation is closed: a late Abort is refused.
+
+Frames that are malformed, of an unknown type, or otherwise unexpected close the channel with
+a logged reason (the peer first gets an "error" with id 0 saying why); nothing a peer sends can
+stop the server or disturb other channels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sessmob.adapters.base import Refused, TransferOffer
+from sessmob.rm.transport import Channel, Transport
+from sessmob.rm.wire import WireError, field
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+
+CHECK = "CheckPreconditions"
+TRANSFER = "InitiateSessionTransfer"
+ACTIVATE = "ActivateSession"
+ABORT = "Abort"
+CONNECT = "Connect"
+
+# request type -> step it implements
+REQUESTS = {"check": CHECK, "transfer": TRANSFER, "activate": ACTIVATE, "abort": ABORT}
+REPLIES = frozenset({"reserved", "done", "activated", "refused", "error"})
+
+
+@dataclass
+class Reservation:
+    """ID holds the resources for `expires_in` seconds; the transfer must follow within that."""
+
+    reservation_id: str
+    expires_in: float
+
+
+class PeerError(RuntimeError):
+    """The other RM refused (`refused` True: a precondition does not hold) or failed a step."""
+
+    def __init__(
+        self, step: str, reason: str, *, adapter: str | None = None, refused: bool = False
+    ) -> None:
+        self.step = step
+        self.reason = f"{adapter}: {reason}" if adapter else reason
+        self.adapter = adapter
+        self.refused = refused
+        verb = "refused" if refused else "failed"
+        super().__init__(f"{step} {verb} on peer: {self.reason}")
+
+
+class PeerLost(ConnectionError):
+    """The channel to the other RM broke (or could not be made) during `step`."""
+
+    def __init__(self, step: str, reason: str) -> None:
+        self.step = step
+        self.reason = reason
+        super().__init__(f"{step}: {reason}")
+
+
+class PeerTimeout(TimeoutError):
+    """The other RM did not answer `step` in time; its outcome on the peer is unknown."""
+
+    def __init__(self, step: str, timeout: float) -> None:
+        self.step = step
+        self.reason = f"no reply from peer within {timeout:g} s"
+        super().__init__(f"{step}: {self.reason}")
+
+
+class PeerHandler(Protocol):
+    """The importing side of a move, implemented by the RM daemon."""
+
+    async def check_preconditions(self, offer: TransferOffer, peer: str | None) -> Reservation:
+        """Reserve what `offer` needs; raise Refused if a precondition does not hold.
+
+        `peer` is the authenticated device name of the exporting RM (None on a plain transport).
+        """
+        ...
+
+    async def initiate_transfer(self, reservation_id: str, document: bytes) -> None:
+        """SetState on every adapter from the exchange document (nothing runs yet)."""
+        ...
+
+    async def activate_session(self, reservation_id: str) -> dict[str, float]:
+        """The commit point: the session runs here from now on. Returns ID-side timings (ms)."""
+        ...
+
+    async def abort(self, reservation_id: str, reason: str) -> None:
+        """Discard the import and release the reservation. Called also for a reservation whose
+        activation raised, and when the channel closes before activation."""
+        ...
+
+
+class ProtocolViolation(WireError):
+    """A well-framed message that is not a valid R message here."""
+
+
+# ---------------------------------------------------------------------------------------------
+# ED side
+
+
+class PeerClient:
+    """The ED's handle on one ID: connect before the freeze, then reuse the channel.
+
+    Every call has a timeout (`call_timeout`, or the call's own `timeout`). A lost channel
+    raises PeerLost (a ConnectionError), no reply in time PeerTimeout (a TimeoutError), a
+    refusal or failure on ID PeerError — each naming the step. After a timeout or loss the
+    outcome on ID is unknown; abort (or let the reservation expire) before resuming.
+    """
+
+    def __init__(self, channel: Channel, *, call_timeout: float = 5.0) -> None:
+        self.channel = channel
+        self.call_timeout = call_timeout
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._closed_reason: str | None = None
+        self._reader = asyncio.get_running_loop().create_task(self._read_replies())
+
+    @classmethod
+    async def connect(
+        cls,
+        transport: Transport,
+        host: str,
+        port: int,
+        *,
+        timeout: float = 2.0,
+        call_timeout: float = 5.0,
+    ) -> PeerClient:
+        """Open the channel to the RM at host:port (`timeout` covers any handshake)."""
+        try:
+            channel = await transport.connect(host, port, timeout=timeout)
+        except TimeoutError:
+            raise PeerTimeout(CONNECT, timeout) from None
+        except OSError as e:
+            raise PeerLost(CONNECT, f"cannot reach the RM at {host}:{port}: {e}") from e
+        return cls(channel, call_timeout=call_timeout)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed_reason is not None
+
+    async def check_preconditions(
+        self, offer: TransferOffer, *, timeout: float | None = None
+    ) -> Reservation:
+        """ID checks and reserves what the session needs (before the freeze)."""
+        req = {
+            "t": "check",
+            "v": PROTOCOL_VERSION,
+            "offer": {
+                "session_id": offer.session_id,
+                "session_type": offer.session_type,
+                "source": offer.source,
+                "resources": offer.resources,
+            },
+        }
+        reply = await self._call(CHECK, req, "reserved", timeout)
+        try:
+            rid = field(reply, "rid", str)
+            ttl = field(reply, "ttl", int, float)
+        except WireError as e:
+            raise await self._violation(CHECK, e) from None
+        return Reservation(rid, float(ttl))
+
+    async def initiate_transfer(
+        self, reservation_id: str, document: bytes, *, timeout: float | None = None
+    ) -> None:
+        """Hand ID the exchange document; returns once SetState succeeded on every adapter."""
+        req = {"t": "transfer", "rid": reservation_id, "p": bytes(document)}
+        await self._call(TRANSFER, req, "done", timeout)
+
+    async def activate_session(
+        self, reservation_id: str, *, timeout: float | None = None
+    ) -> dict[str, float]:
+        """Commit: ID resumes the session. Returns ID-side timings in ms."""
+        reply = await self._call(
+            ACTIVATE, {"t": "activate", "rid": reservation_id}, "activated", timeout
+        )
+        return await self._timings(reply)
+
+    async def transfer_and_activate(
+        self, reservation_id: str, document: bytes, *, timeout: float | None = None
+    ) -> dict[str, float]:
+        """InitiateSessionTransfer and ActivateSession in one round trip.
+
+        ID activates only if SetState succeeded; a PeerError's step says which one failed.
+        Saves one round trip inside the freeze window when ED has nothing to do in between.
+        """
+        req = {"t": "transfer", "rid": reservation_id, "p": bytes(document), "go": True}
+        reply = await self._call(TRANSFER, req, "activated", timeout)
+        return await self._timings(reply)
+
+    async def abort(
+        self, reservation_id: str, reason: str, *, timeout: float | None = None
+    ) -> None:
+        """ID discards the import and frees the reservation (never after activation)."""
+        await self._call(
+            ABORT, {"t": "abort", "rid": reservation_id, "reason": reason}, "done", timeout
+        )
+
+    async def close(self) -> None:
+        """Close the channel; ID aborts any reservation of ours it still holds."""
+        self._fail_pending("channel closed by this RM")
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+        await self.channel.close()
+
+    async def __aenter__(self) -> PeerClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- internals --
+
+    async def _call(
+        self, step: str, req: dict[str, Any], expect: str, timeout: float | None
+    ) -> dict[str, Any]:
+        if self._closed_reason is not None:
+            raise PeerLost(step, self._closed_reason)
+        rid = next(self._ids)
+        req["id"] = rid
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        limit = self.call_timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(limit):
+                try:
+                    await self.channel.send(req)
+                except OSError as e:  # ConnectionError is one
+                    self._fail_pending(f"send failed: {e}")
+                    raise PeerLost(step, f"send failed: {e}") from e
+                reply = await fut
+        except TimeoutError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                reply = fut.result()  # arrived on the deadline: use it
+            else:
+                raise PeerTimeout(step, limit) from None
+        except _Lost as e:
+            raise PeerLost(step, e.reason) from None
+        finally:
+            self._pending.pop(rid, None)
+        t = reply["t"]
+        if t == expect:
+            return reply
+        if t in ("refused", "error"):
+            try:
+                reason = field(reply, "reason", str)
+                where = field(reply, "step", str, optional=True) or step
+                adapter = field(reply, "adapter", str, optional=True)
+            except WireError as e:
+                raise await self._violation(step, e) from None
+            raise PeerError(where, reason, adapter=adapter, refused=t == "refused")
+        raise await self._violation(
+            step, ProtocolViolation(f"reply {t!r} to a {req['t']!r} request")
+        )
+
+    async def _timings(self, reply: dict[str, Any]) -> dict[str, float]:
+        try:
+            ms = field(reply, "ms", dict)
+            out: dict[str, float] = {}
+            for k, v in ms.items():
+                if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int | float):
+                    raise ProtocolViolation(f"timing {k!r}: {v!r} is not name -> milliseconds")
+                out[k] = float(v)
+        except WireError as e:
+            raise await self._violation(ACTIVATE, e) from None
+        return out
+
+    async def _violation(self, step: str, e: WireError) -> PeerLost:
+        reason = f"protocol violation by peer: {e}"
+        log.warning("R channel %r closed: %s", self.channel, reason)
+        self._fail_pending(reason)
+        self._reader.cancel()
+        await self.channel.close()
+        return PeerLost(step, reason)
+
+    def _fail_pending(self, reason: str) -> None:
+        if self._closed_reason is None:
+            self._closed_reason = reason
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(_Lost(reason))
+        self._pending.clear()
+
+    async def _read_replies(self) -> None:
+        reason = "connection closed by peer"
+        try:
+            while True:
+                msg = await self.channel.recv()
+                t = msg["t"]
+                if t not in REPLIES:
+                    raise ProtocolViolation(f"unexpected message type {t!r}")
+                if msg["id"] == 0 and t == "error":
+                    reason = f"peer closed the channel: {msg.get('reason')!s}"
+                    return
+                fut = self._pending.get(msg["id"])
+                if fut is None or fut.done():
+                    log.info("dropping late %r reply to request %d", t, msg["id"])
+                    continue
+                fut.set_result(msg)
+        except WireError as e:
+            reason = f"protocol violation by peer: {e}"
+            log.warning("R channel %r closed: %s", self.channel, reason)
+        except OSError as e:  # ConnectionError and socket errors
+            reason = str(e) or type(e).__name__
+        finally:
+            self._fail_pending(reason)
+            with contextlib.suppress(Exception):
+                await self.channel.close()
+
+
+class _Lost(Exception):
+    """Internal: set on pending futures when the channel goes; _call turns it into PeerLost."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+# ---------------------------------------------------------------------------------------------
+# ID side
+
+
+async def serve_peers(
+    transport: Transport, host: str, port: int, handler: PeerHandler
+) -> asyncio.AbstractServer:
+    """Accept other RMs on host:port and run their requests against `handler`."""
+    registry = _Registry()
+
+    async def on_channel(channel: Channel) -> None:
+        await _PeerSession(channel, handler, registry).run()
+
+    return await transport.serve(host, port, on_channel)
+
+
+def parse_offer(msg: dict[str, Any]) -> TransferOffer:
+    """The TransferOffer of a check request, every field type-checked (ProtocolViolation)."""
+    offer = field(msg, "offer", dict)
+    try:
+        sid = field(offer, "session_id", str)
+        stype = field(offer, "session_type", str)
+        source = field(offer, "source", str)
+        resources = field(offer, "resources", dict)
+    except WireError as e:
+        raise ProtocolViolation(f"offer: {e}") from None
+    for name, needs in resources.items():
+        if not isinstance(name, str) or not isinstance(needs, dict):
+            raise ProtocolViolation(f"offer: resources[{name!r}] must map a name to a map")
+    return TransferOffer(session_id=sid, session_type=stype, source=source, resources=resources)
+
+
+OPEN, ACTIVATED, ABORTED = "open", "activated", "aborted"
+
+
+@dataclass
+class _Entry:
+    channel: Channel  # the channel that made the reservation: only it may transfer/activate
+    peer_name: str | None
+    state: str = OPEN
+
+
+class _Registry:
+    """Reservations handed out by one server, across its channels.
+
+    Closed ones are remembered (the newest `keep`) so that an Abort arriving after the commit
+    point — e.g. on a new channel after the reply to ActivateSession was lost — is answered
+    "already activated" rather than "unknown".
+    """
+
+    def __init__(self, keep: int = 1024) -> None:
+        self.keep = keep
+        self.entries: OrderedDict[str, _Entry] = OrderedDict()
+
+    def add(self, rid: str, channel: Channel) -> None:
+        self.entries[rid] = _Entry(channel, channel.peer_name)
+        self.entries.move_to_end(rid)
+        closed = [k for k, e in self.entries.items() if e.state != OPEN]
+        for k in closed[: max(0, len(closed) - self.keep)]:
+            del self.entries[k]
+
+    def open_of(self, channel: Channel) -> list[str]:
+        return [k for k, e in self.entries.items() if e.channel is channel and e.state == OPEN]
+
+
+class _PeerSession:
+    """One accepted channel: its requests run one at a time, in order."""
+
+    def __init__(self, channel: Channel, handler: PeerHandler, registry: _Registry) -> None:
+        self.ch = channel
+        self.handler = handler
+        self.reg = registry
+
+    async def run(self) -> None:
+        try:
+            while True:
+                try:
+                    msg = await self.ch.recv()
+                except ConnectionError:
+                    return
+                except WireError as e:
+                    await self._bye(str(e))
+                    return
+                try:
+                    reply = await self._dispatch(msg)
+                except WireError as e:  # ProtocolViolation: a well-framed but invalid request
+                    await self._bye(str(e))
+                    return
+                try:
+                    await self.ch.send(reply)
+                except OSError:
+                    return
+        finally:
+            await self._abort_open()
+
+    async def _abort_open(self) -> None:
+        # The exporting RM can no longer activate these (they are bound to this channel):
+        # free them now rather than at expiry.
+        for rid in self.reg.open_of(self.ch):
+            try:
+                await self.handler.abort(
+                    rid, "channel to the exporting RM closed before activation"
+                )
+                self.reg.entries[rid].state = ABORTED
+            except Exception as e:
+                log.warning("abort of reservation %s after channel close failed: %s", rid, e)
+
+    async def _bye(self, reason: str) -> None:
+        log.warning("R channel %r (peer %s) closed: %s", self.ch, self.ch.peer_name, reason)
+        with contextlib.suppress(Exception):
+            await self.ch.send({"t": "error", "id": 0, "step": "R", "reason": reason})
+
+    async def _dispatch(self, msg: dict[str, Any]) -> dict[str, Any]:
+        t, req_id = msg["t"], msg["id"]
+        step = REQUESTS.get(t)
+        if step is None:
+            raise ProtocolViolation(f"unexpected message type {t!r}")
+        if req_id == 0:
+            raise ProtocolViolation(f"{t!r} request with id 0 (reserved)")
+        if t == "check":
+            return await self._check(msg, req_id)
+        rid = field(msg, "rid", str)
+        if t == "transfer":
+            doc = field(msg, "p", bytes)
+            go = field(msg, "go", bool, optional=True) or False
+        elif t == "abort":
+            reason = field(msg, "reason", str)
+        entry = self.reg.entries.get(rid)
+        if t == "abort":
+            if entry is None or entry.peer_name != self.ch.peer_name:
+                return _error(req_id, step, f"unknown reservation {rid!r}")
+            if entry.state == ACTIVATED:
+                return _error(
+                    req_id,
+                    step,
+                    f"reservation {rid} is already activated: the session runs on "
+                    "this device (the commit point has passed)",
+                )
+            if entry.state == ABORTED:
+                return {"t": "done", "id": req_id}
+        elif entry is None or entry.channel is not self.ch:
+            return _error(
+                req_id,
+                step,
+                f"unknown reservation {rid!r} (never made, expired, or made on another channel)",
+            )
+        elif entry.state != OPEN:
+            return _error(req_id, step, f"reservation {rid} is already {entry.state}")
+        try:
+            if t == "transfer":
+                await self.handler.initiate_transfer(rid, doc)
+                if not go:
+                    return {"t": "done", "id": req_id}
+                step = ACTIVATE
+                return await self._activate(entry, rid, req_id)
+            if t == "activate":
+                return await self._activate(entry, rid, req_id)
+            await self.handler.abort(rid, reason)
+            entry.state = ABORTED
+            return {"t": "done", "id": req_id}
+        except Refused as e:
+            return _refused(req_id, step, e)
+        except Exception as e:
+            log.warning("%s for reservation %s failed: %s", step, rid, _describe(e), exc_info=True)
+            return _error(req_id, step, _describe(e))
+
+    async def _activate(self, entry: _Entry, rid: str, req_id: int) -> dict[str, Any]:
+        ms = await self.handler.activate_session(rid)
+        entry.state = ACTIVATED  # committed: from here on ID owns the session
+        # Past the commit point nothing may turn this into an error reply (ED would resume
+        # and the session would run twice): odd timings are dropped, not fatal.
+        timings: dict[str, float] = {}
+        if isinstance(ms, dict):
+            for k, v in ms.items():
+                if isinstance(v, int | float) and not isinstance(v, bool):
+                    timings[str(k)] = float(v)
+        if ms and (not isinstance(ms, dict) or len(timings) != len(ms)):
+            log.warning("activate_session(%s) returned odd timings %r", rid, ms)
+        return {"t": "activated", "id": req_id, "ms": timings}
+
+    async def _check(self, msg: dict[str, Any], req_id: int) -> dict[str, Any]:
+        version = field(msg, "v", int)
+        if version != PROTOCOL_VERSION:
+            return _error(
+                req_id,
+                CHECK,
+                f"R protocol version {version} is not supported (this RM speaks "
+                f"{PROTOCOL_VERSION}); run the same sessmob release on both devices",
+            )
+        offer = parse_offer(msg)
+        try:
+            res = await self.handler.check_preconditions(offer, self.ch.peer_name)
+            if not isinstance(res, Reservation) or not isinstance(res.reservation_id, str):
+                raise TypeError(f"handler returned {res!r}, not a Reservation")
+            if res.reservation_id in self.reg.entries:
+                raise ValueError(f"handler reused reservation id {res.reservation_id!r}")
+        except Refused as e:
+            return _refused(req_id, CHECK, e)
+        except Exception as e:
+            log.warning(
+                "CheckPreconditions for %s failed: %s",
+                offer.session_id,
+                _describe(e),
+                exc_info=True,
+            )
+            return _error(req_id, CHECK, _describe(e))
+        self.reg.add(res.reservation_id, self.ch)
+        return {
+            "t": "reserved",
+            "id": req_id,
+            "rid": res.reservation_id,
+            "ttl": float(res.expires_in),
+        }
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, KeyError) and len(e.args) == 1:
+        return f"not found: {e.args[0]}"
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _error(req_id: int, step: str, reason: str) -> dict[str, Any]:
+    return {"t": "error", "id": req_id, "step": step, "reason": reason}
+
+
+def _refused(req_id: int, step: str, e: Refused) -> dict[str, Any]:
+    return {"t": "refused", "id": req_id, "step": step, "adapter": e.adapter, "reason": e.reason}
