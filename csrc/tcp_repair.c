@@ -249,8 +249,10 @@ int tcpr_dump(int fd, struct tcpr_state *st, uint8_t **queues)
 	uint8_t *buf = NULL;
 
 	*queues = NULL;
-	if (st->size < sizeof(*st))
+	if (st->size < sizeof(*st)) {
+		errno = EINVAL;
 		return TCPR_E_VERSION;
+	}
 	memset(st, 0, sizeof(*st));
 	st->version = TCPR_STATE_VERSION;
 	st->size = sizeof(*st);

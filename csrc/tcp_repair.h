@@ -5,10 +5,10 @@
  *
  *   exporting:  tcpr_freeze(fd)  ->  tcpr_dump(fd, &st, &queues)  ->  tcpr_release(fd)
  *                                  (or tcpr_resume(fd) if the move fails before commit)
- *   importing:  tcpr_restore(&st, queues, &fd)  ->  tcpr_activate(fd, unsent, len)
+ *   importing:  tcpr_restore(&st, queues, &fd)  ->  tcpr_activate_ack(fd, &st, raw, unsent, len)
  *
  * The caller must isolate the flow (drop its packets or remove its address) before
- * tcp_freeze: a socket in repair mode keeps ACKing arriving data, and data ACKed after the
+ * tcpr_freeze: a socket in repair mode keeps ACKing arriving data, and data ACKed after the
  * dump is lost for good.
  *
  * No policy, no printing, no allocation other than the queue buffer of tcpr_dump (free()

@@ -20,7 +20,7 @@ Order (the one that keeps a failed move recoverable, see docs/architecture.md):
     announce   unsolicited NA / gratuitous ARP from the destination       <- t_Mig ends
     release    close the frozen source socket silently (after the commit point)
 
-Any failure before `activate` returns succeeds undoes what was done: the destination socket is
+Any failure before `activate` succeeds undoes what was done: the destination socket is
 dropped silently, the address goes back, the source socket resumes. Nothing is lost: the peer
 retransmits whatever it sent into the isolation.
 """
@@ -230,7 +230,10 @@ class RawMover:
                 errors.append(f"{step}: {e}")
             marks.append(clock())
         t_release = clock()
-        tcp_repair.release_many(socks)  # type: ignore[arg-type]
+        try:
+            tcp_repair.release_many(socks)  # type: ignore[arg-type]
+        except tcp_repair.BatchError as e:  # the moved connections live on regardless
+            errors.extend(f"release flow {i}: {err}" for i, err in e.errors.items())
         return new, MoveTiming(
             phases={p: marks[i + 1] - marks[i] for i, p in enumerate(PHASES)},
             t_mig=marks[-1] - marks[0],

@@ -21,6 +21,7 @@ repaired at all raise its subclass NotRepairable and are left untouched.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
 import operator
 import os
@@ -221,7 +222,9 @@ def _native_state(snapshot: TcpSnapshot) -> Any:
     """The snapshot as a struct tcpr_state: the dumped one, or built (and cached) once."""
     if snapshot._native is not None:
         return snapshot._native[1]
-    snapshot.validate()
+    # Sizes were limited where the bytes were decoded (from_bytes(max_queue=...)); here only
+    # consistency matters.
+    snapshot.validate(max_queue=2**31 - 1)
     st = ffi.new("struct tcpr_state *")
     st.version = lib.TCPR_STATE_VERSION
     st.size = ffi.sizeof("struct tcpr_state")
@@ -373,12 +376,13 @@ def activate_many(socks: list[FdLike], acks: AckSender | None = None) -> None:
     Raises BatchError for the failed ones; the others are active."""
     n = len(socks)
     fds = [_fileno(s) for s in socks]
-    entries = [_take_restored(fd) for fd in fds]
-    missing = [i for i, e in enumerate(entries) if e is None]
+    with _restored_lock:
+        missing = [i for i, fd in enumerate(fds) if fd not in _restored]
     if missing:
         raise ValueError(f"activate_many: sockets {missing[:5]} were not built by restore()")
+    entries = [_take_restored(fd) for fd in fds]
     own = acks is None
-    senders = AckSender() if acks is None else acks
+    senders = _ack_sender_for(fds[0]) if acks is None and fds else (acks or AckSender())
     try:
         keep = [e.unsent for e in entries if e is not None]
         out = _Outcome(n)
@@ -413,6 +417,10 @@ def release_many(socks: list[FdLike]) -> None:
     out = _Outcome(len(fds))
     if lib.tcpr_release_many(ffi.new("int[]", fds), len(fds), out.rcs, out.errs):
         errors = out.errors("release", lambda i: f"fd {fds[i]}")
+        for i, err in errors.items():
+            if err.code == _E_REPAIR_ON:
+                # Still open and not silent: hand it back instead of leaking it.
+                err.socket = socket.socket(fileno=fds[i])  # type: ignore[attr-defined]
         raise BatchError("release", [errors.get(i) for i in range(len(fds))])
 
 
@@ -460,6 +468,21 @@ class AckSender:
         self.close()
 
 
+_SIOCGSKNS = 0x894C  # linux/sockios.h: an fd of the socket's network namespace
+
+
+def _ack_sender_for(fd: int) -> AckSender:
+    """A temporary AckSender in the namespace the socket lives in (not the caller's)."""
+    from sessmob import netns
+
+    ns = fcntl.ioctl(fd, _SIOCGSKNS)
+    try:
+        with netns.entered(ns):
+            return AckSender()
+    finally:
+        os.close(ns)
+
+
 def activate(sock: FdLike, acks: AckSender | None = None) -> None:
     """Switch repair mode off on a restored socket: the connection runs here from now on.
 
@@ -473,7 +496,7 @@ def activate(sock: FdLike, acks: AckSender | None = None) -> None:
         _check("activate", lib.tcpr_activate(fd, ffi.NULL, 0), fd)
         return
     own = acks is None
-    senders = AckSender() if acks is None else acks
+    senders = _ack_sender_for(fd) if acks is None else acks
     try:
         raw = (senders.v4 if entry.v4 else senders.v6).fileno()
         unsent = ffi.from_buffer(entry.unsent) if len(entry.unsent) else ffi.NULL
