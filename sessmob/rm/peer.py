@@ -254,6 +254,8 @@ class PeerClient:
                 except OSError as e:  # ConnectionError is one
                     self._fail_pending(f"send failed: {e}")
                     raise PeerLost(step, f"send failed: {e}") from e
+                except WireError as e:  # our own message cannot be encoded: nothing was sent
+                    raise WireError(f"{step}: {e}") from e
                 reply = await fut
         except TimeoutError:
             if fut.done() and not fut.cancelled() and fut.exception() is None:

@@ -29,7 +29,7 @@ from sessmob.rm.peer import (
     serve_peers,
 )
 from sessmob.rm.transport import PlainTransport
-from sessmob.rm.wire import encode_frame, read_frame
+from sessmob.rm.wire import WireError, encode_frame, read_frame
 
 OFFER = TransferOffer(
     session_id="s1",
@@ -182,6 +182,18 @@ def test_freeze_window_messages_are_small() -> None:
     transfer = encode_frame({"t": "transfer", "id": 3, "rid": "r1234567", "p": b""})
     activate = encode_frame({"t": "activate", "id": 4, "rid": "r1234567"})
     assert len(transfer) < 40 and len(activate) < 40
+
+
+def test_an_offer_that_cannot_be_encoded_fails_locally_and_the_channel_lives_on() -> None:
+    async def scenario(h: FakeHandler, port: int) -> None:
+        async with await client(port) as peer:
+            bad = TransferOffer("s1", "echo", "ed", {"tcp": {"fds": {1, 2}}})  # a set
+            with pytest.raises(WireError, match="CheckPreconditions: cannot encode"):
+                await peer.check_preconditions(bad)
+            assert (await peer.check_preconditions(OFFER)).reservation_id == "r1"
+
+    h = run(scenario)
+    assert h.names().count("check") == 1  # the bad offer never left ED
 
 
 # -- refusals and failures ---------------------------------------------------------------------
