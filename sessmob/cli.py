@@ -191,7 +191,10 @@ def _run_module(module: str, what: str, argv: list[str]) -> int:
     if not callable(entry):
         print(f"sessmob: {what}: {module} has no main(argv)", file=sys.stderr)
         return EXIT_FAILED
-    rc = entry(argv)
+    try:
+        rc = entry(argv)
+    except SystemExit as e:  # its argparse: --help (0) or a usage error (2)
+        rc = e.code if isinstance(e.code, int) else (EXIT_OK if e.code is None else EXIT_FAILED)
     return int(rc) if isinstance(rc, int) else EXIT_OK
 
 

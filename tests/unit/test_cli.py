@@ -408,6 +408,8 @@ def fake_module(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
 
     def main(argv: list[str]) -> int | None:
         calls.append(argv)
+        if "--usage" in argv:
+            raise SystemExit(2)  # what its argparse does
         return 7 if "--fail" in argv else None
 
     mod.main = main  # type: ignore[attr-defined]
@@ -425,11 +427,13 @@ def test_rm_hands_its_arguments_to_the_daemon(
     assert cli.main(["--state-dir", "/g", "-j", "rm", "--config", "ed.toml"]) == 0
     assert cli.main(["--state-dir", "/g", "rm", "--state-dir=/s", "--help"]) == 0
     assert cli.main(["rm", "--fail"]) == 7
+    assert cli.main(["rm", "--usage"]) == 2  # its SystemExit becomes main's return value
     assert fake_module == [
         ["--config", "ed.toml", "--state-dir", "/s"],
         ["--config", "ed.toml", "--state-dir", "/g"],  # the global option is passed on
         ["--state-dir=/s", "--help"],  # ... unless rm has its own
         ["--fail"],
+        ["--usage"],
     ]
 
 
