@@ -1,0 +1,1 @@
+"""Migratable applications built on sessmob.appkit (`sessmob app NAME ...`)."""
