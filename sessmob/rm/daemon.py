@@ -1,0 +1,493 @@
+"""The Relocation Manager: one per device (`sessmob rm`).
+
+Inside, as in the paper's Fig. 5: the session administrator (session_move and the R
+handlers below run the message flow of Fig. 4 and keep the commit point), the adapter
+coordinator (`_each`: calls the adapters in the order each primitive needs) and the
+export/import dispatchers (adapters' GetState into one exchange document, and back).
+
+Commit point: the importing device's ActivateSession. Before the exporting device hears that
+it succeeded, any failure makes it resume the session exactly as it was and tells the
+importing device to discard; from then on only the importing device runs the session and the
+exporting device shuts its part down silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sessmob.adapters.application import ApplicationAdapter, AppServer, ImporterSpec
+from sessmob.adapters.base import Adapter, Refused, Role, TransferOffer
+from sessmob.adapters.net_addr import NetAddrAdapter
+from sessmob.adapters.tcp import TcpAdapter
+from sessmob.adapters.udp import UdpAdapter
+from sessmob.exchange import ExchangeDoc, Limits, decode, encode
+from sessmob.rm.config import Config, ConfigError, load
+from sessmob.rm.control import ControlServer, MoveError
+from sessmob.rm.peer import ABORT, PeerClient, PeerError, Reservation, serve_peers
+from sessmob.rm.transport import PlainTransport
+from sessmob.session import Flow, FlowKind, ServiceSession, SessionState
+
+log = logging.getLogger("sessmob.rm")
+
+
+class Timeline:
+    """Durations of the steps of one migration (ms), in the order they ran."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, Any]] = []
+        self.t_mig_start: float | None = None
+        self.t_mig_ms: float | None = None
+
+    async def run(self, step: str, work: Awaitable[Any]) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return await work
+        finally:
+            self.steps.append({"step": step, "ms": round((time.perf_counter() - t0) * 1e3, 3)})
+
+    def as_dict(self, session: str, device: str) -> dict[str, Any]:
+        return {"session": session, "to": device, "steps": self.steps, "t_mig_ms": self.t_mig_ms}
+
+
+@dataclass
+class _Incoming:
+    """ID side: a reservation and, once the document arrived, the session being imported."""
+
+    offer: TransferOffer
+    expiry: asyncio.TimerHandle
+    session: ServiceSession | None = None
+    activated: bool = False
+    done: list[Adapter] = field(default_factory=list)  # adapters whose set_state ran
+    set_state_ms: float = 0.0
+
+
+class RelocationManager:
+    """Session administrator + adapter coordinator + dispatchers for one device."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.sessions: dict[str, ServiceSession] = {}
+        self._next = 0
+        self.net = NetAddrAdapter(cfg.interface, cfg.pool)
+        self.tcp = TcpAdapter()
+        self.udp = UdpAdapter()
+        self.appserver = AppServer(
+            os.path.join(cfg.state_dir, "app.sock"),
+            self,
+            allowed_uids=cfg.allowed_uids,
+            timeout=cfg.app_timeout,
+            importers={
+                t: ImporterSpec(command=i.command, user=i.user, env=i.env)
+                for t, i in cfg.importers.items()
+            },
+        )
+        self.app = ApplicationAdapter(self.appserver)
+        self.transport = PlainTransport()
+        self.peers: dict[str, PeerClient] = {}
+        self.incoming: dict[str, _Incoming] = {}
+        self.limits = Limits(max_document=cfg.max_document)
+        self.control = ControlServer(
+            os.path.join(cfg.state_dir, "control.sock"), self, allowed_uids=cfg.allowed_uids
+        )
+        self._peer_server: asyncio.AbstractServer | None = None
+
+    # -- life -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        os.makedirs(self.cfg.state_dir, exist_ok=True)
+        await self.appserver.start()
+        await self.control.start()
+        self._peer_server = await serve_peers(self.transport, self.cfg.listen, self.cfg.port, self)
+        log.info(
+            "rm %s: R on [%s]:%d, state in %s",
+            self.cfg.device,
+            self.cfg.listen,
+            self.cfg.port,
+            self.cfg.state_dir,
+        )
+
+    async def close(self) -> None:
+        if self._peer_server is not None:
+            self._peer_server.close()
+        for p in self.peers.values():
+            with contextlib.suppress(Exception):
+                await p.close()
+        await self.control.close()
+        await self.appserver.close()
+        for s in list(self.sessions.values()):
+            self.net.free(s)
+        self.tcp.close()
+        self.udp.close()
+        self.net.close()
+
+    # -- SessionHost (applications) -------------------------------------------------------
+
+    async def create_session(self, app_id: str, session_type: str) -> ServiceSession:
+        self._next += 1
+        sid = f"{self.cfg.device}-{self._next}-{uuid.uuid4().hex[:6]}"
+        session = ServiceSession(sid, session_type, app_id=app_id)
+        in_use = {a.addr for s in self.sessions.values() for a in s.addresses}
+        self.net.allocate(session, in_use)
+        self.sessions[sid] = session
+        log.info("session %s (%s) for %s on %s", sid, session_type, app_id, session.addresses)
+        return session
+
+    async def add_flow(self, session_id: str, sock: socket.socket, flow_id: str | None) -> Flow:
+        session = self._session(session_id)
+        if sock.type not in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+            raise ValueError(f"flow socket of type {sock.type!r}: only TCP and UDP move")
+        kind = FlowKind.TCP if sock.type == socket.SOCK_STREAM else FlowKind.UDP
+        local = sock.getsockname()[:2]
+        mine = {a.addr for a in session.addresses}
+        if local[0].removeprefix("::ffff:") not in mine:
+            raise ValueError(
+                f"flow bound to {local[0]}, not to the session's address "
+                f"({', '.join(sorted(mine))}): bind session sockets to it"
+            )
+        try:
+            remote: tuple[str, int] | None = sock.getpeername()[:2]
+        except OSError:
+            remote = None
+        fid = flow_id or f"f{len(session.flows)}"
+        if any(f.flow_id == fid for f in session.flows):
+            raise ValueError(f"session {session_id} already has a flow {fid!r}")
+        flow = Flow(fid, kind, sock, local, remote)
+        session.flows.append(flow)
+        return flow
+
+    async def close_session(self, session_id: str) -> None:
+        session = self.sessions.pop(session_id, None)
+        if session is not None:
+            for f in session.flows:
+                if f.sock is not None:
+                    f.sock.close()
+            self.net.free(session)
+
+    # -- ControlHandler (interface U) -------------------------------------------------------
+
+    async def session_list(self) -> list[dict[str, Any]]:
+        return [s.summary() for s in self.sessions.values()]
+
+    async def session_show(self, session_id: str) -> dict[str, Any]:
+        return self._session(session_id).summary()
+
+    async def device_list(self) -> list[dict[str, Any]]:
+        me = {"device": self.cfg.device, "host": self.cfg.listen, "port": self.cfg.port}
+        return [{**me, "self": True}] + [
+            {"device": d.name, "host": d.host, "port": d.port, "self": False}
+            for d in self.cfg.devices.values()
+        ]
+
+    def _session(self, session_id: str) -> ServiceSession:
+        try:
+            return self.sessions[session_id]
+        except KeyError:
+            raise KeyError(f"no session {session_id!r} on {self.cfg.device}") from None
+
+    async def _peer(self, device: str) -> PeerClient:
+        peer = self.peers.get(device)
+        if peer is None or peer.closed:
+            d = self.cfg.devices.get(device)
+            if d is None:
+                known = ", ".join(sorted(self.cfg.devices)) or "none configured"
+                raise MoveError("Connect", f"unknown device {device!r} (known: {known})", {})
+            peer = await PeerClient.connect(
+                self.transport, d.host, d.port, timeout=self.cfg.peer_timeout
+            )
+            self.peers[device] = peer
+        return peer
+
+    async def session_move(self, session_id: str, device: str) -> dict[str, Any]:
+        """Move a session to `device`: the message flow of Fig. 4, timed step by step."""
+        session = self._session(session_id)
+        if session.state is not SessionState.ACTIVE:
+            raise MoveError("Move", f"session {session_id} is {session.state}, not active", {})
+        if device == self.cfg.device:
+            raise MoveError("Move", f"session {session_id} is already on {device}", {})
+        tl = Timeline()
+        session.state = SessionState.MOVING
+        try:
+            return await self._move(session, device, tl)
+        finally:
+            if session.state is SessionState.MOVING:
+                session.state = SessionState.ACTIVE
+
+    async def _move(self, s: ServiceSession, device: str, tl: Timeline) -> dict[str, Any]:
+        step = "Connect"
+        try:
+            peer = await tl.run(step, self._peer(device))
+            step = "GetResources"
+            offer = TransferOffer(s.session_id, s.session_type, self.cfg.device)
+            for a in self._adapters():
+                offer.resources[a.name] = await a.get_resources(s)
+            step = "CheckPreconditions"
+            res: Reservation = await tl.run(step, peer.check_preconditions(offer))
+            step = "DoPresignaling"
+            await tl.run(step, self._each("do_presignaling", s, Role.EXPORT))
+        except MoveError:
+            raise
+        except Exception as e:
+            if isinstance(e, ConnectionError | TimeoutError):
+                self.peers.pop(device, None)  # reconnect next time
+            raise MoveError(step, _reason(e), tl.as_dict(s.session_id, device)) from e
+        # ---- the freeze window: t_Mig ----
+        t0 = time.perf_counter()
+        suspended = False
+        try:
+            step = "Suspend"
+            suspended = True
+            await tl.run(step, self._suspend(s))
+            step = "GetState"
+            doc = await tl.run(step, self._export(s))
+            # InitiateSessionTransfer and ActivateSession in one round trip: ID activates
+            # only if SetState succeeded on every adapter.
+            step = "InitiateSessionTransfer+ActivateSession"
+            remote = await tl.run(step, peer.transfer_and_activate(res.reservation_id, doc))
+        except Exception as e:
+            reason = _reason(e)
+            await self._undo_export(s, peer, res, step, reason, suspended)
+            tl.t_mig_ms = round((time.perf_counter() - t0) * 1e3, 3)
+            raise MoveError(step, reason, tl.as_dict(s.session_id, device)) from e
+        tl.t_mig_ms = round((time.perf_counter() - t0) * 1e3, 3)
+        # ---- committed: the session runs on `device` ----
+        await tl.run("Shutdown", self._each("shutdown", s, Role.EXPORT, reverse=False))
+        s.state = SessionState.GONE
+        self.sessions.pop(s.session_id, None)
+        out = tl.as_dict(s.session_id, device)
+        out["importer_steps"] = remote
+        log.info("session %s moved to %s: t_Mig %.3f ms", s.session_id, device, tl.t_mig_ms)
+        return out
+
+    async def _suspend(self, s: ServiceSession) -> None:
+        # Application first (it stops touching the sockets), then isolation (address gone),
+        # then the freeze: a socket in repair mode still ACKs what arrives.
+        await self.app.suspend(s)
+        await self.net.suspend(s)
+        await self.tcp.suspend(s)
+        await self.udp.suspend(s)
+
+    async def _export(self, s: ServiceSession) -> bytes:
+        doc = ExchangeDoc(
+            session_id=s.session_id, session_type=s.session_type, source=self.cfg.device
+        )
+        for a in (self.net, self.tcp, self.udp, self.app):
+            await a.get_state(s, doc)
+        return encode(doc)
+
+    async def _undo_export(
+        self,
+        s: ServiceSession,
+        peer: PeerClient,
+        res: Reservation,
+        step: str,
+        reason: str,
+        suspended: bool,
+    ) -> None:
+        """Before the commit point: the importer discards, the session resumes here."""
+        try:
+            await peer.abort(res.reservation_id, f"{step}: {reason}")
+        except PeerError as e:
+            if e.step == ABORT and "activated" in e.reason:
+                # The importer did commit (its reply was lost): it owns the session now.
+                log.error("session %s: importer reports it is active; shutting down here", s)
+                await self._each("shutdown", s, Role.EXPORT)
+                raise MoveError(step, "importer activated; reply lost", {}) from e
+        except Exception as e:  # unreachable importer: its reservation expires by itself
+            log.warning("abort of %s not delivered: %s", res.reservation_id, _reason(e))
+        if suspended:
+            # Address back first, then the sockets leave repair mode, then the application.
+            await self.net.resume(s, Role.EXPORT)
+            await self.tcp.resume(s, Role.EXPORT)
+            await self.udp.resume(s, Role.EXPORT)
+            await self.app.resume(s, Role.EXPORT)
+
+    def _adapters(self) -> list[Adapter]:
+        return [self.app, self.net, self.tcp, self.udp]
+
+    async def _each(
+        self, primitive: str, s: ServiceSession, role: Role, reverse: bool = False
+    ) -> None:
+        adapters = self._adapters()
+        if primitive == "shutdown":
+            # Transport first: sockets released in repair mode before the application
+            # closes its own descriptors (the last close must be silent).
+            adapters = [self.tcp, self.udp, self.app, self.net]
+        for a in reversed(adapters) if reverse else adapters:
+            fn: Callable[[ServiceSession, Role], Awaitable[None]] = getattr(a, primitive)
+            await fn(s, role)
+
+    # -- PeerHandler (interface R, importing side) ----------------------------------------
+
+    async def check_preconditions(self, offer: TransferOffer, peer: str | None) -> Reservation:
+        done: list[Adapter] = []
+        try:
+            for a in self._adapters():
+                await a.reserve_resources(offer)
+                done.append(a)
+        except BaseException:
+            for a in done:
+                with contextlib.suppress(Exception):
+                    await a.release_resources(offer)
+            raise
+        rid = uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        expiry = loop.call_later(
+            self.cfg.reservation_timeout,
+            lambda: asyncio.ensure_future(self._expire(rid)),
+        )
+        self.incoming[rid] = _Incoming(offer, expiry)
+        return Reservation(rid, self.cfg.reservation_timeout)
+
+    def _incoming(self, rid: str) -> _Incoming:
+        inc = self.incoming.get(rid)
+        if inc is None:
+            raise Refused("rm", f"unknown or expired reservation {rid}")
+        return inc
+
+    async def initiate_transfer(self, reservation_id: str, document: bytes) -> None:
+        inc = self._incoming(reservation_id)
+        if inc.session is not None:
+            raise Refused("rm", f"reservation {reservation_id} already has a session")
+        doc = decode(document, self.limits)
+        if doc.session_id != inc.offer.session_id:
+            raise Refused(
+                "rm", f"document for {doc.session_id}, reservation for {inc.offer.session_id}"
+            )
+        s = ServiceSession(doc.session_id, doc.session_type, state=SessionState.IMPORTING)
+        inc.session = s
+        t = time.perf_counter()
+        # Address first (restored sockets bind to it), the application last (it gets the
+        # restored sockets and the state, but uses them only after activation).
+        for a in (self.net, self.tcp, self.udp, self.app):
+            inc.done.append(a)
+            await a.set_state(s, doc)
+        inc.set_state_ms = round((time.perf_counter() - t) * 1e3, 3)
+
+    async def activate_session(self, reservation_id: str) -> dict[str, float]:
+        inc = self._incoming(reservation_id)
+        s = inc.session
+        if s is None:
+            raise Refused("rm", f"reservation {reservation_id} has no transferred session")
+        times: dict[str, float] = {"set_state_ms": inc.set_state_ms}
+        t = time.perf_counter()
+        try:
+            await self.net.resume(s, Role.IMPORT)
+            await self.tcp.resume(s, Role.IMPORT)
+        except Exception:
+            await self._discard(reservation_id)
+            raise
+        # Committed: from here the session is this device's.
+        inc.activated = True
+        inc.expiry.cancel()
+        times["activate_ms"] = round((time.perf_counter() - t) * 1e3, 3)
+        errors = []
+        for name, work in (
+            ("udp", self.udp.resume(s, Role.IMPORT)),
+            ("announce", self.net.do_postsignaling(s, Role.IMPORT)),
+            ("application", self.app.resume(s, Role.IMPORT)),
+        ):
+            try:
+                await work
+            except Exception as e:  # past the commit point: report, never roll back
+                errors.append(f"{name}: {_reason(e)}")
+                log.error("session %s after activation, %s: %s", s.session_id, name, e)
+        times["postsignaling_ms"] = round((time.perf_counter() - t) * 1e3, 3)
+        s.state = SessionState.ACTIVE
+        self.sessions[s.session_id] = s
+        await self.app.release_resources(inc.offer)
+        self.incoming.pop(reservation_id, None)
+        if errors:
+            times["post_commit_errors"] = float(len(errors))
+        return times
+
+    async def abort(self, reservation_id: str, reason: str) -> None:
+        inc = self.incoming.get(reservation_id)
+        if inc is None:
+            return  # already gone (expired or never made): nothing to undo
+        if inc.activated:
+            raise Refused("rm", "session already activated here")
+        log.info("abort %s: %s", reservation_id, reason)
+        await self._discard(reservation_id)
+
+    async def _expire(self, rid: str) -> None:
+        inc = self.incoming.get(rid)
+        if inc is not None and not inc.activated:
+            log.warning("reservation %s expired: no transfer followed", rid)
+            await self._discard(rid)
+
+    async def _discard(self, rid: str) -> None:
+        inc = self.incoming.pop(rid, None)
+        if inc is None:
+            return
+        inc.expiry.cancel()
+        if inc.session is not None:
+            for a in reversed(inc.done):
+                try:
+                    await a.shutdown(inc.session, Role.IMPORT)
+                except Exception as e:
+                    log.warning("discarding %s in %s: %s", inc.session.session_id, a.name, e)
+        for a in self._adapters():
+            with contextlib.suppress(Exception):
+                await a.release_resources(inc.offer)
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, PeerError):
+        return e.reason
+    text = str(e) or type(e).__name__
+    return text if isinstance(e, Refused | OSError | ValueError) else f"{type(e).__name__}: {text}"
+
+
+async def _run(cfg: Config) -> None:
+    rm = RelocationManager(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await rm.start()
+    try:
+        await stop.wait()
+    finally:
+        await rm.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="sessmob rm", description="Run this device's Relocation Manager (foreground)."
+    )
+    ap.add_argument("--config", required=True, help="TOML configuration file")
+    ap.add_argument(
+        "--state-dir",
+        default=os.environ.get("SESSMOB_STATE_DIR", "/run/sessmob"),
+        help="directory for sockets and keys (default /run/sessmob, env SESSMOB_STATE_DIR)",
+    )
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    args = ap.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        cfg = load(args.config, args.state_dir)
+    except ConfigError as e:
+        print(f"sessmob rm: {e}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_run(cfg))
+    except OSError as e:
+        print(f"sessmob rm: {e}", file=sys.stderr)
+        return 1
+    return 0
