@@ -50,6 +50,7 @@ from typing import Any, NamedTuple
 from sessmob.appproto import (
     DEFAULT_LIMITS,
     PROTO_VERSION,
+    RECV_SIZE,
     RM_REQUESTS,
     Decoder,
     Limits,
@@ -347,9 +348,10 @@ class AppKit:
 
     def _read_loop(self) -> None:
         reason = "connection closed by the RM"
+        buf = bytearray(RECV_SIZE)
         try:
             while True:
-                data, fds = recv_chunk(self._sock)
+                data, fds = recv_chunk(self._sock, buf)
                 if not data:
                     for fd in fds:
                         os.close(fd)

@@ -325,7 +325,7 @@ class Decoder:
     def pending_bytes(self) -> int:
         return len(self._buf)
 
-    def feed(self, data: bytes, fds: Iterable[int] = ()) -> list[Message]:
+    def feed(self, data: bytes | memoryview, fds: Iterable[int] = ()) -> list[Message]:
         """Add received bytes (and the descriptors that came with them); return whole frames.
 
         The caller hands over ownership of `fds`: they end up in a Message or are closed.
@@ -468,17 +468,21 @@ def _close(fd: int) -> None:
 # -- I/O helpers -------------------------------------------------------------------------------
 
 _CMSG_SPACE = socket.CMSG_SPACE(SCM_MAX_FD * array.array("i").itemsize)
-RECV_SIZE = 256 * 1024
+RECV_SIZE = 64 * 1024
 
 
-def recv_chunk(sock: socket.socket, size: int = RECV_SIZE) -> tuple[bytes, list[int]]:
-    """One recvmsg: bytes and the descriptors that came with them (close-on-exec).
+def recv_chunk(sock: socket.socket, buf: bytearray | None = None) -> tuple[memoryview, list[int]]:
+    """One recvmsg into `buf` (reused by the caller: no allocation per call).
 
-    Raises ProtocolError if the kernel had to drop descriptors (more than one message holds)
-    or a control message other than SCM_RIGHTS arrived; BlockingIOError on a non-blocking
-    socket with nothing to read; b"" means the peer closed.
+    Returns a view of the bytes received (valid until the next call with the same buffer)
+    and the descriptors that came with them (close-on-exec). Raises ProtocolError if the
+    kernel had to drop descriptors (more than one message holds) or a control message other
+    than SCM_RIGHTS arrived; BlockingIOError on a non-blocking socket with nothing to read.
+    An empty view means the peer closed.
     """
-    data, anc, flags, _ = sock.recvmsg(size, _CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
+    if buf is None:
+        buf = bytearray(RECV_SIZE)
+    n, anc, flags, _ = sock.recvmsg_into([buf], _CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
     fds: list[int] = []
     bad: str | None = None
     for level, kind, payload in anc:
@@ -494,7 +498,7 @@ def recv_chunk(sock: socket.socket, size: int = RECV_SIZE) -> tuple[bytes, list[
         for fd in fds:
             _close(fd)
         raise ProtocolError(bad)
-    return data, fds
+    return memoryview(buf)[:n], fds
 
 
 def _plan(frame: bytes, fds: list[int]) -> list[tuple[memoryview, list[int]]]:

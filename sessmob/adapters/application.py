@@ -32,6 +32,7 @@ from sessmob.appproto import (
     ENV_IMPORT_TYPE,
     ENV_SOCKET,
     PROTO_VERSION,
+    RECV_SIZE,
     Decoder,
     Limits,
     Message,
@@ -129,6 +130,7 @@ class _Conn:
         self.importer_types: list[str] = []
         self.helloed = False
         self.decoder = Decoder(APP_REQUESTS, DEFAULT_LIMITS)
+        self.rbuf = bytearray(RECV_SIZE)
         self.pending: dict[int, tuple[str, asyncio.Future[Message]]] = {}
         self.ids = itertools.count(1)
         self.next_id = 1
@@ -530,7 +532,7 @@ class AppServer:
     def _readable(self, conn: _Conn) -> None:
         for _ in range(16):  # then let others run; the loop calls again if more is there
             try:
-                data, fds = recv_chunk(conn.sock)
+                data, fds = recv_chunk(conn.sock, conn.rbuf)
             except (BlockingIOError, InterruptedError):
                 return
             except ProtocolError as e:

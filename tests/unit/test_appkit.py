@@ -81,7 +81,8 @@ class FakeHost:
     async def create_session(self, app_id: str, session_type: str) -> ServiceSession:
         self._n += 1
         sid = f"{self.name}-{self._n}"
-        s = ServiceSession(sid, session_type, [SessionAddress(self.addr, 32)], app_id=app_id)
+        plen = 128 if ":" in self.addr else 32
+        s = ServiceSession(sid, session_type, [SessionAddress(self.addr, plen)], app_id=app_id)
         self.sessions[sid] = s
         return s
 
