@@ -130,11 +130,16 @@ class UdpAdapter:
             }
             queued: list[tuple[str, int, bytes]] = []
             total = 0
-            while len(queued) < MAX_DRAIN and total < MAX_DRAIN_BYTES:
+            while len(queued) < MAX_DRAIN:
                 try:
-                    data, src = sock.recvfrom(65535, socket.MSG_DONTWAIT)
+                    # Peek first: a datagram that would overflow the limit stays queued
+                    # (and is lost with the old socket) rather than failing the move.
+                    data, src = sock.recvfrom(65535, socket.MSG_DONTWAIT | socket.MSG_PEEK)
                 except BlockingIOError:
                     break
+                if total + len(data) > MAX_DRAIN_BYTES:
+                    break
+                sock.recvfrom(65535, socket.MSG_DONTWAIT)
                 queued.append((src[0], src[1], data))
                 total += len(data)
             drained[f.flow_id] = queued
