@@ -349,6 +349,7 @@ class AppKit:
     def _read_loop(self) -> None:
         reason = "connection closed by the RM"
         buf = bytearray(RECV_SIZE)
+        msgs: list[Message] = []
         try:
             while True:
                 data, fds = recv_chunk(self._sock, buf)
@@ -357,7 +358,9 @@ class AppKit:
                         os.close(fd)
                     self._decoder.eof()
                     break
-                for msg in self._decoder.feed(data, fds):
+                msgs = self._decoder.feed(data, fds)
+                while msgs:
+                    msg = msgs.pop(0)
                     if msg.is_reply:
                         self._deliver(msg)
                     else:
@@ -373,6 +376,8 @@ class AppKit:
             reason = f"AppKit reader crashed: {e!r}"
             _log.exception("%s: AppKit reader crashed", self.name)
         finally:
+            for m in msgs:
+                m.close_fds()
             self._lost(reason)
 
     def _deliver(self, msg: Message) -> None:

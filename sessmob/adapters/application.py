@@ -63,6 +63,7 @@ _log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 10.0  # seconds a connection may stay silent before its hello
 LAUNCH_TIMEOUT = 10.0  # default seconds a launched importer has to say hello
+MAX_INFLIGHT = 64  # requests of one application served at once (more: protocol error)
 
 
 class SessionHost(Protocol):
@@ -138,6 +139,7 @@ class _Conn:
         self.connected_at = time.time()
         self.closed: str | None = None
         self.launched = False
+        self.inflight = 0  # its requests being served
 
     @property
     def label(self) -> str:
@@ -541,14 +543,18 @@ class AppServer:
             except OSError as e:
                 self._drop(conn, "disconnected" if is_disconnect(e) else f"receive failed: {e}")
                 return
+            msgs: list[Message] = []
             try:
                 if not data:
                     conn.decoder.eof()
                     self._drop(conn, "disconnected")
                     return
-                for msg in conn.decoder.feed(data, fds):
-                    self._dispatch(conn, msg)
+                msgs = conn.decoder.feed(data, fds)
+                while msgs:
+                    self._dispatch(conn, msgs.pop(0))
             except ProtocolError as e:
+                for m in msgs:
+                    m.close_fds()
                 self._drop(conn, f"protocol error: {e}", error=True)
                 return
             if conn.closed is not None:
@@ -576,6 +582,10 @@ class AppServer:
             return
         if msg.op == "hello":
             raise ProtocolError("second hello on one connection")
+        if conn.inflight >= MAX_INFLIGHT:
+            msg.close_fds()
+            raise ProtocolError(f"more than {MAX_INFLIGHT} requests in flight")
+        conn.inflight += 1
         self._spawn(self._serve(conn, msg))
 
     def _hello(self, conn: _Conn, msg: Message) -> None:
@@ -635,6 +645,12 @@ class AppServer:
         self._drop(conn, error, error=True)
 
     async def _serve(self, conn: _Conn, msg: Message) -> None:
+        try:
+            await self._serve_one(conn, msg)
+        finally:
+            conn.inflight -= 1
+
+    async def _serve_one(self, conn: _Conn, msg: Message) -> None:
         try:
             result = await self._handle(conn, msg)
         except asyncio.CancelledError:

@@ -503,6 +503,26 @@ def test_protocol_violation_drops_only_that_connection(
     assert [x["name"] for x in lt.call(ed.server.apps)] == ["good"]
 
 
+def test_too_many_requests_in_flight_drop_the_connection(
+    lt: LoopThread, devices: Callable[..., Device]
+) -> None:
+    ed = devices("ed")
+
+    async def never(app_id: str, session_type: str) -> ServiceSession:
+        await asyncio.sleep(60)
+        raise AssertionError("unreachable")
+
+    ed.host.create_session = never  # type: ignore[method-assign]
+    s = raw_client(ed.path)
+    s.sendall(encode_request("hello", 1, {"proto": 1, "name": "greedy", "pid": 1,
+                                          "importer_types": []}))  # fmt: skip
+    flood = [encode_request("create_session", i, {"session_type": "x"}) for i in range(2, 80)]
+    s.sendall(b"".join(flood))
+    read_until_closed(s)  # the hello reply, then the RM hangs up
+    s.close()
+    assert lt.call(ed.server.apps) == []
+
+
 def test_unknown_protocol_version_is_refused_with_a_reason(devices: Callable[..., Device]) -> None:
     ed = devices("ed")
     s = raw_client(ed.path)
