@@ -89,7 +89,8 @@ class RmBed:
         log = open(os.path.join(sd, "rm.log"), "wb")  # noqa: SIM115 - lives with the process
         self.procs[dev] = self.tb.popen(
             dev,
-            [sys.executable, "-m", "sessmob.cli", "rm", "--config", cfg, "--state-dir", sd],
+            [sys.executable, "-m", "sessmob.cli", "rm", "--config", cfg, "--state-dir", sd]
+            + (["-v"] if os.environ.get("SESSMOB_RM_VERBOSE") else []),
             stdout=log,
             stderr=subprocess.STDOUT,
         )

@@ -94,7 +94,7 @@ class RelocationManager:
             },
         )
         self.app = ApplicationAdapter(self.appserver)
-        self.transport = PlainTransport()
+        self.transport = PlainTransport(source=cfg.listen)
         self.peers: dict[str, PeerClient] = {}
         self.incoming: dict[str, _Incoming] = {}
         self.limits = Limits(max_document=cfg.max_document)
@@ -372,6 +372,7 @@ class RelocationManager:
         # restored sockets and the state, but uses them only after activation).
         for a in (self.net, self.tcp, self.udp, self.app):
             inc.done.append(a)
+            log.debug("set_state %s for %s", a.name, s.session_id)
             await a.set_state(s, doc)
         inc.set_state_ms = round((time.perf_counter() - t) * 1e3, 3)
 

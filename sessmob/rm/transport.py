@@ -111,11 +111,18 @@ def _nodelay(writer: asyncio.StreamWriter) -> None:
 class PlainTransport:
     """TCP with length-prefixed msgpack frames: for tests and until the secure channel lands."""
 
-    def __init__(self, *, max_frame: int = MAX_FRAME) -> None:
+    def __init__(self, *, max_frame: int = MAX_FRAME, source: str | None = None) -> None:
+        """`source`: the device's own address to connect from. Without it the kernel may
+        pick a session address as source, and the channel dies when that address moves
+        away in the middle of a migration."""
         self.max_frame = max_frame
+        self.source = source
 
     async def connect(self, host: str, port: int, *, timeout: float) -> PlainChannel:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        local = (self.source, 0) if self.source else None
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, local_addr=local), timeout
+        )
         _nodelay(writer)
         return PlainChannel(reader, writer, max_frame=self.max_frame)
 
