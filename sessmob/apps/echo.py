@@ -135,6 +135,7 @@ class EchoSession:
         self.finished: list[EchoFlow] = []  # ended, waiting to leave the RM's session
         self._new: deque[EchoFlow] = deque()
         self._cv = threading.Condition()
+        self._io = threading.Lock()  # held by the worker while it touches sockets
         self._pause_req = False
         self._parked = False
         self._stop_req = False
@@ -170,14 +171,18 @@ class EchoSession:
         self._poke()
 
     def pause(self, timeout: float = _PARK_TIMEOUT) -> None:
-        """Park the worker; returns once it no longer touches any socket."""
+        """Stop the worker from touching any socket; returns as soon as that holds.
+
+        The worker touches sockets only while holding the I/O lock, and checks the pause flag
+        each time it takes it. So setting the flag and passing through the lock once is enough:
+        a worker idle in epoll is not even woken on the critical path (it parks later).
+        """
         with self._cv:
             self._pause_req = True
-            if self._thread is None or not self._thread.is_alive():
-                return
-            self._poke()
-            if not self._cv.wait_for(lambda: self._parked or not self._alive(), timeout):
-                raise EchoError(f"echo session {self.name} did not park within {timeout:g} s")
+        self._poke()
+        if not self._io.acquire(timeout=timeout):
+            raise EchoError(f"echo session {self.name} did not pause within {timeout:g} s")
+        self._io.release()
 
     def resume(self) -> None:
         """Continue after pause(), or start serving an imported session."""
@@ -189,7 +194,7 @@ class EchoSession:
     def export(self) -> bytes:
         """The state blob (only while parked or not started)."""
         with self._cv:
-            if self._alive() and not self._parked:
+            if self._alive() and not self._pause_req:
                 raise EchoError(f"echo session {self.name} exported while running")
             flows = [*self.flows, *self._new]
             state = {f.flow_id: f.export() for f in flows if f.flow_id is not None}
@@ -244,6 +249,7 @@ class EchoSession:
 
     def _run(self) -> None:
         sel: selectors.BaseSelector | None = None
+        io = self._io
         try:
             while True:
                 with self._cv:
@@ -258,25 +264,33 @@ class EchoSession:
                         self._cv.wait_for(lambda: not self._pause_req or self._stop_req)
                         self._parked = False
                         continue
-                    new = list(self._new)
-                    self._new.clear()
-                if sel is None:
-                    sel = selectors.DefaultSelector()
-                    sel.register(self._wake, selectors.EVENT_READ, None)
-                    for f in list(self.flows):
+                with io:  # every socket operation happens under the I/O lock, unpaused
+                    if self._pause_req or self._stop_req:
+                        continue
+                    with self._cv:
+                        new = list(self._new)
+                        self._new.clear()
+                    if sel is None:
+                        sel = selectors.DefaultSelector()
+                        sel.register(self._wake, selectors.EVENT_READ, None)
+                        for f in list(self.flows):
+                            f.mask = 0
+                            self._arm(sel, f)
+                    for f in new:
+                        f.sock.setblocking(False)
                         f.mask = 0
+                        self.flows.append(f)
                         self._arm(sel, f)
-                for f in new:
-                    f.sock.setblocking(False)
-                    f.mask = 0
-                    self.flows.append(f)
-                    self._arm(sel, f)
-                for key, ev in sel.select():
-                    if key.data is None:
-                        with contextlib.suppress(BlockingIOError):
-                            os.eventfd_read(self._wake)
-                    else:
-                        self._service(sel, key.data, ev)
+                events = sel.select()
+                with io:
+                    if self._pause_req or self._stop_req:
+                        continue
+                    for key, ev in events:
+                        if key.data is None:
+                            with contextlib.suppress(BlockingIOError):
+                                os.eventfd_read(self._wake)
+                        else:
+                            self._service(sel, key.data, ev)
         except BaseException as e:  # a worker must not die silently
             self.error = f"echo worker of session {self.name} crashed: {e!r}"
             _log.exception("echo worker of session %s crashed", self.name)
