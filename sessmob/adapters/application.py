@@ -325,7 +325,8 @@ class AppServer:
         kwargs: dict[str, Any] = {}
         pw = self._importer_users.get(session_type)
         if pw is not None:
-            kwargs = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+            if pw.pw_uid != os.geteuid():  # switching needs privileges; staying does not
+                kwargs = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
             env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
         env.update(spec.env)
         env[ENV_SOCKET] = self.path
@@ -727,6 +728,7 @@ class AppServer:
         for _op, fut in conn.pending.values():
             if not fut.done():
                 fut.set_exception(AppError(f"application {conn.label} is gone ({reason})"))
+        self._reap()  # a launched importer that went away leaves no zombie
         if self._closing:
             return
         for sid, owned in list(self._sessions.items()):
