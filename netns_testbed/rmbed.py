@@ -32,6 +32,8 @@ class RmBed:
 
     tb: Testbed
     importers: dict[str, dict[str, Any]] = field(default_factory=dict)  # device -> [importers]
+    extra: dict[str, str] = field(default_factory=dict)  # device -> TOML appended to its config
+    limits: dict[str, dict[str, float]] = field(default_factory=dict)  # device -> [limits]
     root: str = ""
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     apps: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -67,18 +69,18 @@ class RmBed:
             f"port = {R_PORT}",
             "[apps]",
             "allowed_uids = []",
-            "[limits]",
-            "reservation_timeout = 3.0",
-            "peer_timeout = 2.0",
-            "app_timeout = 2.0",
         ]
+        limits = {"reservation_timeout": 3.0, "peer_timeout": 2.0, "app_timeout": 2.0}
+        limits.update(self.limits.get(dev, {}))
+        lines.append("[limits]")
+        lines += [f"{k} = {v}" for k, v in limits.items()]
         for typ, spec in self.importers.get(dev, {}).items():
             lines.append(f"[importers.{typ}]")
             cmd = ", ".join(f'"{c}"' for c in spec["command"])
             lines.append(f"command = [{cmd}]")
             if spec.get("user"):
                 lines.append(f'user = "{spec["user"]}"')
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines) + "\n" + self.extra.get(dev, "")
 
     def _start_rm(self, dev: str) -> None:
         sd = self.state_dir(dev)

@@ -4,10 +4,11 @@
     sessmob device list
     sessmob rm --config FILE [--state-dir DIR]      (runs the Relocation Manager)
     sessmob app echo ...                            (the demo application)
+    sessmob bench [--runs N] [--json FILE]          (the RM benchmark, in a namespace testbed)
 
 Session and device commands ask the local RM over interface U (``<state-dir>/control.sock``).
-`rm` and `app` hand their arguments, untouched, to the module that implements them, imported
-only then, so that a controller command loads no daemon code.
+`rm`, `app` and `bench` hand their arguments, untouched, to the module that implements them,
+imported only then, so that a controller command loads no daemon code.
 
 Exit codes: 0 ok, 1 the operation failed (move refused or failed, no such session, ...),
 2 usage error, 3 no relocation manager reachable.
@@ -31,6 +32,7 @@ CONTROL_SOCKET = "control.sock"
 
 # Delegated subcommands: object -> module whose main(argv) runs it.
 DAEMON_MODULE = "sessmob.rm.daemon"
+BENCH_MODULE = "netns_testbed.bench_rm"
 APPS = {"echo": "sessmob.apps.echo"}
 
 
@@ -151,11 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     objects.add_parser(
         "app", help="run a migratable application: " + ", ".join(sorted(APPS)), add_help=False
     )
+    objects.add_parser(
+        "bench",
+        help="benchmark RM moves against the raw move in a namespace testbed (root); "
+        "`sessmob bench --help` for its options",
+        add_help=False,
+    )
     return ap
 
 
 def _split_delegated(argv: list[str]) -> tuple[str, list[str], str | None] | None:
-    """(object, its arguments, global --state-dir) when the object is `rm` or `app`."""
+    """(object, its arguments, global --state-dir) when the object is `rm`, `app` or `bench`."""
     i, sdir = 0, None
     while i < len(argv):
         a = argv[i]
@@ -169,7 +177,7 @@ def _split_delegated(argv: list[str]) -> tuple[str, list[str], str | None] | Non
             i += 1
         else:
             break
-    if i < len(argv) and argv[i] in ("rm", "app"):
+    if i < len(argv) and argv[i] in ("rm", "app", "bench"):
         return argv[i], argv[i + 1 :], sdir
     return None
 
@@ -205,6 +213,8 @@ def _delegate(obj: str, argv: list[str], sdir: str | None) -> int:
         ):
             argv = [*argv, "--state-dir", sdir]
         return _run_module(DAEMON_MODULE, "the relocation manager (sessmob rm)", argv)
+    if obj == "bench":  # runs its own RMs in a testbed: a --state-dir given has no say
+        return _run_module(BENCH_MODULE, "the benchmark (sessmob bench)", argv)
     usage = f"usage: sessmob app {{{','.join(sorted(APPS))}}} [ARGS ...]"
     if not argv or argv[0] in ("-h", "--help"):
         stream = sys.stdout if argv else sys.stderr
@@ -398,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     if ns.object is None:
         parser.print_usage(sys.stderr)
-        print("sessmob: error: name an OBJECT: session, device, rm or app", file=sys.stderr)
+        print("sessmob: error: name an OBJECT: session, device, rm, app or bench", file=sys.stderr)
         return EXIT_USAGE
     path = os.path.join(state_dir(ns.state_dir), CONTROL_SOCKET)
     try:

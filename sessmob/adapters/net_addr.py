@@ -103,6 +103,16 @@ class NetAddrAdapter:
     # -- interface A -------------------------------------------------------------------
 
     async def get_resources(self, session: ServiceSession) -> dict[str, Any]:
+        # Moving an address moves every flow on it: refuse while others use it.
+        others = await sharing_sockets(session)
+        if others:
+            raise Refused(
+                self.name,
+                "other sockets use the session address and would move with it: "
+                + "; ".join(others[:8])
+                + (f" (+{len(others) - 8} more)" if len(others) > 8 else "")
+                + ". Close them or bind them elsewhere.",
+            )
         peers = sorted({f.remote[0] for f in session.flows if f.remote})
         return {"addresses": [str(a) for a in session.addresses], "peers": peers}
 
@@ -153,8 +163,8 @@ class NetAddrAdapter:
             p = self._prepared[a.addr]
             if role is Role.IMPORT:
                 p.move.wait_usable()  # before anything is injected or announced
-            else:
-                p.move.add()  # the failed move gives the address back
+            elif not self.rtnl.has_address(a.addr):
+                p.move.add()  # the failed move gives the address back (if it had left)
 
     async def do_postsignaling(self, session: ServiceSession, role: Role) -> None:
         for a in session.addresses:
@@ -173,6 +183,45 @@ class NetAddrAdapter:
                     log.info("discarding %s: %s", a, e)
                 self._reserved.pop(a.addr, None)
             p.close()
+
+
+def _endpoint(text: str) -> tuple[str, str]:
+    """'[2001:db8::1]:7000' / '192.0.2.1:80' / '[::]:*' -> (addr, port) as ss prints them."""
+    host, _, port = text.rpartition(":")
+    return host.strip("[]").removeprefix("::ffff:"), port
+
+
+async def sharing_sockets(session: ServiceSession) -> list[str]:
+    """Sockets on this device whose local address is one of the session's and that are not
+    its flows (sock_diag through `ss`, before the freeze): 'tcp ESTAB [a]:p -> [b]:q (pid)'."""
+    mine = set()
+    for f in session.flows:
+        if f.local is None:
+            continue
+        local = (f.local[0].removeprefix("::ffff:"), str(f.local[1]))
+        remote = (f.remote[0].removeprefix("::ffff:"), str(f.remote[1])) if f.remote else None
+        mine.add((str(f.kind), local, remote))
+    found: list[str] = []
+    for a in session.addresses:
+        target = f"[{a.addr}]" if ":" in a.addr else a.addr
+        proc = await asyncio.create_subprocess_exec(
+            "ss", "-Htanup", "src", target,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise Refused("net_addr", f"cannot list sockets (ss): {err.decode().strip()}")
+        for line in out.decode().splitlines():
+            parts = line.split()
+            if len(parts) < 6 or parts[1] in ("TIME-WAIT", "CLOSE"):
+                continue
+            kind, state, local, peer = parts[0], parts[1], _endpoint(parts[4]), _endpoint(parts[5])
+            remote = None if peer[1] == "*" else peer
+            if (kind, local, remote) in mine or (kind == "udp" and (kind, local, None) in mine):
+                continue
+            users = " ".join(parts[6:])
+            found.append(f"{kind} {state} {parts[4]} -> {parts[5]} {users}".strip())
+    return found
 
 
 def _parse(text: str) -> SessionAddress:

@@ -30,15 +30,18 @@ class IsolationError(RuntimeError):
 
 
 def guard_ruleset(prefixes: Iterable[str]) -> str:
-    """The nft script for the guard over session addresses/prefixes (IPv4 and IPv6)."""
+    """The nft script for the guard over session addresses ("addr" or "addr/len")."""
     v4: list[str] = []
     v6: list[str] = []
     for p in prefixes:
+        # "addr/len" names one address and the prefix of its link, not a range: guarding the
+        # whole prefix would also drop packets injected as if from a peer on that link
+        # (a restored flow's FIN, queued UDP datagrams).
         try:
-            net = ipaddress.ip_network(p, strict=False)
+            ip = ipaddress.ip_interface(p).ip
         except ValueError as e:
-            raise IsolationError(f"session address or prefix {p!r}: {e}") from None
-        (v4 if net.version == 4 else v6).append(str(net))
+            raise IsolationError(f"session address {p!r}: {e}") from None
+        (v4 if ip.version == 4 else v6).append(str(ip))
     lines = [f"table inet {TABLE} {{"]
     for name, kind, elems in (("sess4", "ipv4_addr", v4), ("sess6", "ipv6_addr", v6)):
         lines.append(f"  set {name} {{ type {kind}; flags interval;")

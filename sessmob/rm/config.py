@@ -20,7 +20,8 @@ Example (one device of the namespace testbed)::
     allowed_uids = [1000]        # besides root, who may connect applications / controllers
 
     [importers.echo]             # launched when a session of this type arrives and no
-    command = ["sessmob", "app", "echo", "serve", "--rm-socket", "{state_dir}/app.sock"]
+    command = ["sessmob", "app", "echo", "serve", "--import-only", "--rm-socket",
+               "{state_dir}/app.sock"]
     user = "nobody"              # importer is running; never root when set
 
     [limits]
@@ -28,6 +29,10 @@ Example (one device of the namespace testbed)::
     peer_timeout = 2.0           # s: per R request
     app_timeout = 2.0            # s: per application request
     max_document = 268435456     # bytes of one exchange document
+
+    [faults]                     # fault injection for tests only
+    fail = ["export:tcp.get_state"]   # make this adapter primitive raise
+    delay_after_check = 0.0      # s to wait after CheckPreconditions (reservation expiry)
 """
 
 from __future__ import annotations
@@ -74,6 +79,9 @@ class Config:
     peer_timeout: float = 2.0
     app_timeout: float = 2.0
     max_document: int = 256 << 20
+    # Fault injection for the tests of the failure paths; never set in production.
+    faults: frozenset[str] = frozenset()  # "export:tcp.get_state", "import:application.set_state"
+    delay_after_check: float = 0.0  # s the exporter waits after CheckPreconditions
 
 
 def _get(d: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -143,6 +151,14 @@ def parse(data: dict[str, Any], state_dir: str) -> Config:
             raise ConfigError(f"limits.{key}: a positive number, got {v!r}")
         return float(v)
 
+    faults = data.get("faults", {})
+    fail = faults.get("fail", [])
+    if not isinstance(fail, list) or not all(isinstance(f, str) for f in fail):
+        raise ConfigError("faults.fail: a list of 'export:ADAPTER.PRIMITIVE' strings")
+    delay = faults.get("delay_after_check", 0.0)
+    if not isinstance(delay, int | float) or isinstance(delay, bool) or delay < 0:
+        raise ConfigError("faults.delay_after_check: a number of seconds >= 0")
+
     return Config(
         device=device,
         state_dir=state_dir,
@@ -157,6 +173,8 @@ def parse(data: dict[str, Any], state_dir: str) -> Config:
         peer_timeout=num("peer_timeout", 2.0),
         app_timeout=num("app_timeout", 2.0),
         max_document=int(num("max_document", 256 << 20)),
+        faults=frozenset(fail),
+        delay_after_check=float(delay),
     )
 
 

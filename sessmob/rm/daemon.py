@@ -160,7 +160,11 @@ class RelocationManager:
             remote: tuple[str, int] | None = sock.getpeername()[:2]
         except OSError:
             remote = None
-        fid = flow_id or f"f{len(session.flows)}"
+        # Flow ids stay unique also on a device the session was imported into.
+        taken = [int(f.flow_id[1:]) for f in session.flows if f.flow_id[1:].isdigit()]
+        n = max([session.meta.get("next_flow", 0), *(t + 1 for t in taken)])
+        session.meta["next_flow"] = n + 1
+        fid = flow_id or f"f{n}"
         if any(f.flow_id == fid for f in session.flows):
             raise ValueError(f"session {session_id} already has a flow {fid!r}")
         flow = Flow(fid, kind, sock, local, remote)
@@ -236,6 +240,8 @@ class RelocationManager:
             res: Reservation = await tl.run(step, peer.check_preconditions(offer))
             step = "DoPresignaling"
             await tl.run(step, self._each("do_presignaling", s, Role.EXPORT))
+            if self.cfg.delay_after_check:
+                await asyncio.sleep(self.cfg.delay_after_check)
         except MoveError:
             raise
         except Exception as e:
@@ -244,11 +250,10 @@ class RelocationManager:
             raise MoveError(step, _reason(e), tl.as_dict(s.session_id, device)) from e
         # ---- the freeze window: t_Mig ----
         t0 = time.perf_counter()
-        suspended = False
+        reached: list[Adapter] = []
         try:
             step = "Suspend"
-            suspended = True
-            await tl.run(step, self._suspend(s))
+            await tl.run(step, self._suspend(s, reached))
             step = "GetState"
             doc = await tl.run(step, self._export(s))
             # InitiateSessionTransfer and ActivateSession in one round trip: ID activates
@@ -257,7 +262,7 @@ class RelocationManager:
             remote = await tl.run(step, peer.transfer_and_activate(res.reservation_id, doc))
         except Exception as e:
             reason = _reason(e)
-            await self._undo_export(s, peer, res, step, reason, suspended)
+            await self._undo_export(s, peer, res, step, reason, reached)
             tl.t_mig_ms = round((time.perf_counter() - t0) * 1e3, 3)
             raise MoveError(step, reason, tl.as_dict(s.session_id, device)) from e
         tl.t_mig_ms = round((time.perf_counter() - t0) * 1e3, 3)
@@ -270,19 +275,26 @@ class RelocationManager:
         log.info("session %s moved to %s: t_Mig %.3f ms", s.session_id, device, tl.t_mig_ms)
         return out
 
-    async def _suspend(self, s: ServiceSession) -> None:
+    def _fault(self, point: str) -> None:
+        """Fault injection for the failure-path tests ([faults] in the config)."""
+        if point in self.cfg.faults:
+            raise RuntimeError(f"injected fault at {point}")
+
+    async def _suspend(self, s: ServiceSession, reached: list[Adapter]) -> None:
         # Application first (it stops touching the sockets), then isolation (address gone),
-        # then the freeze: a socket in repair mode still ACKs what arrives.
-        await self.app.suspend(s)
-        await self.net.suspend(s)
-        await self.tcp.suspend(s)
-        await self.udp.suspend(s)
+        # then the freeze: a socket in repair mode still ACKs what arrives. `reached` gets
+        # every adapter whose suspend was entered (a failed one may have half-happened).
+        for a in (self.app, self.net, self.tcp, self.udp):
+            self._fault(f"export:{a.name}.suspend")
+            reached.append(a)
+            await a.suspend(s)
 
     async def _export(self, s: ServiceSession) -> bytes:
         doc = ExchangeDoc(
             session_id=s.session_id, session_type=s.session_type, source=self.cfg.device
         )
         for a in (self.net, self.tcp, self.udp, self.app):
+            self._fault(f"export:{a.name}.get_state")
             await a.get_state(s, doc)
         return encode(doc)
 
@@ -293,7 +305,7 @@ class RelocationManager:
         res: Reservation,
         step: str,
         reason: str,
-        suspended: bool,
+        reached: list[Adapter],
     ) -> None:
         """Before the commit point: the importer discards, the session resumes here."""
         try:
@@ -306,12 +318,11 @@ class RelocationManager:
                 raise MoveError(step, "importer activated; reply lost", {}) from e
         except Exception as e:  # unreachable importer: its reservation expires by itself
             log.warning("abort of %s not delivered: %s", res.reservation_id, _reason(e))
-        if suspended:
-            # Address back first, then the sockets leave repair mode, then the application.
-            await self.net.resume(s, Role.EXPORT)
-            await self.tcp.resume(s, Role.EXPORT)
-            await self.udp.resume(s, Role.EXPORT)
-            await self.app.resume(s, Role.EXPORT)
+        # Address back first, then the sockets leave repair mode, then the application;
+        # only what the suspend reached.
+        for a in (self.net, self.tcp, self.udp, self.app):
+            if a in reached:
+                await a.resume(s, Role.EXPORT)
 
     def _adapters(self) -> list[Adapter]:
         return [self.app, self.net, self.tcp, self.udp]
@@ -372,7 +383,7 @@ class RelocationManager:
         # restored sockets and the state, but uses them only after activation).
         for a in (self.net, self.tcp, self.udp, self.app):
             inc.done.append(a)
-            log.debug("set_state %s for %s", a.name, s.session_id)
+            self._fault(f"import:{a.name}.set_state")
             await a.set_state(s, doc)
         inc.set_state_ms = round((time.perf_counter() - t) * 1e3, 3)
 
@@ -384,8 +395,9 @@ class RelocationManager:
         times: dict[str, float] = {"set_state_ms": inc.set_state_ms}
         t = time.perf_counter()
         try:
-            await self.net.resume(s, Role.IMPORT)
-            await self.tcp.resume(s, Role.IMPORT)
+            for a in (self.net, self.tcp):
+                self._fault(f"import:{a.name}.resume")
+                await a.resume(s, Role.IMPORT)
         except Exception:
             await self._discard(reservation_id)
             raise

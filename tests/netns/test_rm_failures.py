@@ -1,0 +1,115 @@
+"""Every failure before the commit point leaves the session working on the exporting device.
+
+Faults are injected through the RMs' [faults] configuration (an adapter primitive that
+raises, or a delay that lets the reservation expire); the other failures are real: an
+exchange document over the importer's limit, and a socket outside the session on its address.
+After each failed move the echo client must still get every byte back, in order, from ed, and
+a later move without the fault must work.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+
+import pytest
+
+from netns_testbed.rmbed import RmBed
+from netns_testbed.topology import Testbed
+from sessmob import netns
+from sessmob.rm.control import ControlError
+
+from .test_rm_e2e import client, echo_serve, report
+
+EXPORT_FAULTS = [
+    "export:application.suspend",
+    "export:net_addr.suspend",
+    "export:tcp.suspend",
+    "export:udp.suspend",
+    "export:net_addr.get_state",
+    "export:tcp.get_state",
+    "export:udp.get_state",
+    "export:application.get_state",
+]
+IMPORT_FAULTS = [
+    "import:net_addr.set_state",
+    "import:tcp.set_state",
+    "import:udp.set_state",
+    "import:application.set_state",
+    "import:net_addr.resume",
+    "import:tcp.resume",
+]
+
+
+def _session(bed: RmBed) -> tuple[str, str, subprocess.Popen[bytes]]:
+    echo_serve(bed, "ed")
+    echo_serve(bed, "id", import_only=True)
+    s = bed.wait_session("ed")
+    addr = s["addresses"][0].split("/")[0]
+    c = client(bed, addr, "--duration", "4", "--tcp", "2", "--udp", "1", "--udp-pps", "100")
+    deadline = time.monotonic() + 10
+    while len(bed.sessions("ed")[0]["flows"]) < 3:
+        assert time.monotonic() < deadline, "the client's flows never joined the session"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    return s["session"], addr, c
+
+
+def _still_on_ed(bed: RmBed, sid: str, c: subprocess.Popen[bytes]) -> None:
+    assert [s["session"] for s in bed.sessions("ed")] == [sid]
+    assert bed.sessions("ed")[0]["state"] == "active"
+    assert bed.sessions("id") == []
+    rep = report(c)
+    assert rep["ok"], rep
+    assert all(f["tx_bytes"] == f["rx_bytes"] > 0 for f in rep["tcp"]), rep["tcp"]
+    assert rep["udp"][0]["received"] > 0
+
+
+@pytest.mark.parametrize("fault", EXPORT_FAULTS + IMPORT_FAULTS)
+def test_adapter_failure_leaves_session_on_ed(fresh_lan: Testbed, fault: str) -> None:
+    side = "ed" if fault.startswith("export:") else "id"
+    with RmBed(fresh_lan, extra={side: f'[faults]\nfail = ["{fault}"]\n'}) as bed:
+        sid, _, c = _session(bed)
+        with pytest.raises(ControlError) as err:
+            bed.move("ed", sid, "id")
+        assert "injected fault" in str(err.value)
+        _still_on_ed(bed, sid, c)
+
+
+def test_rejected_exchange_document(fresh_lan: Testbed) -> None:
+    with RmBed(fresh_lan, limits={"id": {"max_document": 64}}) as bed:
+        sid, _, c = _session(bed)
+        with pytest.raises(ControlError) as err:
+            bed.move("ed", sid, "id")
+        assert err.value.step.startswith("InitiateSessionTransfer")
+        assert "document" in str(err.value)
+        _still_on_ed(bed, sid, c)
+
+
+def test_expired_reservation(fresh_lan: Testbed) -> None:
+    with RmBed(
+        fresh_lan,
+        limits={"id": {"reservation_timeout": 0.2}},
+        extra={"ed": "[faults]\ndelay_after_check = 0.5\n"},
+    ) as bed:
+        sid, _, c = _session(bed)
+        with pytest.raises(ControlError) as err:
+            bed.move("ed", sid, "id")
+        assert "reservation" in str(err.value)
+        _still_on_ed(bed, sid, c)
+
+
+def test_socket_sharing_the_address_is_named(fresh_lan: Testbed) -> None:
+    with RmBed(fresh_lan) as bed:
+        sid, addr, c = _session(bed)
+        stranger = netns.socket_in(fresh_lan.ns("ed"), socket.AF_INET6, socket.SOCK_DGRAM)
+        try:
+            stranger.bind((addr, 7999))
+            with pytest.raises(ControlError) as err:
+                bed.move("ed", sid, "id")
+            assert err.value.step == "GetResources" or "GetResources" in str(err.value)
+            assert f"[{addr}]:7999" in str(err.value)
+        finally:
+            stranger.close()
+        _still_on_ed(bed, sid, c)
