@@ -1,0 +1,53 @@
+"""`sessmob bench` for real, with a few moves: the JSON it writes has the documented keys and
+numbers that hang together (docs/testbed.md, "The RM benchmark")."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from netns_testbed import bench_rm
+from sessmob import cli
+
+SCENARIO_KEYS = {
+    "runs", "kind", "flows", "rate_bytes_per_s", "t_mig_ms", "phases_ms", "importer_phases_ms",
+    "move_wall_ms", "cn_stall_ms", "baseline_cn_stall_ms", "stall_ratio_to_baseline",
+    "bytes_lost", "bytes_duplicated", "bytes_verified", "problems", "cn_resets", "cn_rto_count",
+    "cn_tlp_count", "cn_retrans_segs", "floor_ms", "ratio_to_floor", "floor", "targets",
+}  # fmt: skip
+IN_T_MIG = ("Suspend", "GetState")
+
+
+def test_bench_writes_the_documented_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = 4
+    out = tmp_path / "rm.json"
+    rc = cli.main(["bench", "--runs", str(runs), "--interval-ms", "20", "--json", str(out)])
+    printed = capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert set(doc) == {"schema_version", "machine", "scenarios"}
+    assert doc["schema_version"] == 1
+    assert set(doc["scenarios"]) == {bench_rm.NAME}
+    r = doc["scenarios"][bench_rm.NAME]
+    assert set(r) == SCENARIO_KEYS
+    assert r["problems"] == [], r["problems"]
+    assert rc == 0
+    assert r["runs"] == runs and r["floor"]["runs"] == runs
+    assert r["rate_bytes_per_s"] == 10e6
+    assert r["bytes_lost"] == r["bytes_duplicated"] == r["cn_resets"] == 0
+    assert r["bytes_verified"] > 2 * 64 * 1024
+    # the timeline: the steps inside t_Mig add up to no more than t_Mig
+    for step in IN_T_MIG:
+        assert step in r["phases_ms"], r["phases_ms"]
+    assert 0 < r["t_mig_ms"]["median"] <= r["t_mig_ms"]["p99"] < r["move_wall_ms"]["p99"]
+    assert sum(r["phases_ms"][s]["median"] for s in IN_T_MIG) <= r["t_mig_ms"]["p99"]
+    assert r["importer_phases_ms"], "the importer's step times are missing"
+    assert r["cn_stall_ms"]["max"] > 0 and r["baseline_cn_stall_ms"]["max"] > 0
+    floor = r["floor_ms"]
+    assert floor == r["floor"]["t_mig_ms"] and 0 < floor["median"] <= floor["p99"]
+    assert r["ratio_to_floor"] == pytest.approx(r["t_mig_ms"]["median"] / floor["median"], 1e-2)
+    assert r["targets"] == {"t_mig_median_ms": 2.0, "t_mig_p99_ms": 5.0, "ratio_to_floor": 1.5}
+    assert bench_rm.NAME in printed and "floor (raw move" in printed
