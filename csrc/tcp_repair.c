@@ -8,6 +8,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/sock_diag.h>
 #include <linux/sockios.h>
 #include <netinet/in.h>
 #include <netinet/ip.h>
@@ -193,6 +194,7 @@ static int dump_queue(int fd, int queue, uint32_t *seq, uint8_t *buf, uint32_t l
 static int dump_options(int fd, struct tcpr_state *st)
 {
 	int v, mapped_or_v4 = st->family == AF_INET || (st->flags & TCPR_F_V4MAPPED);
+	uint32_t meminfo[SK_MEMINFO_VARS];
 	socklen_t len;
 
 	if (get_int(fd, SOL_TCP, TCP_NODELAY, &v) < 0)
@@ -213,9 +215,14 @@ static int dump_options(int fd, struct tcpr_state *st)
 	    get_int(fd, SOL_TCP, TCP_USER_TIMEOUT, &v) < 0)
 		return TCPR_E_SOCKOPT;
 	st->user_timeout = (uint32_t)v;
-	if (get_int(fd, SOL_SOCKET, SO_SNDBUF, &st->sndbuf) < 0 ||
-	    get_int(fd, SOL_SOCKET, SO_RCVBUF, &st->rcvbuf) < 0 ||
-	    get_int(fd, SOL_SOCKET, SO_BUF_LOCK, &st->buf_lock) < 0 ||
+	/* Both buffer sizes in one call (what SO_SNDBUF/SO_RCVBUF would report). */
+	len = sizeof(meminfo);
+	if (getsockopt(fd, SOL_SOCKET, SO_MEMINFO, meminfo, &len) < 0 ||
+	    len < sizeof(meminfo))
+		return TCPR_E_SOCKOPT;
+	st->sndbuf = (int32_t)meminfo[SK_MEMINFO_SNDBUF];
+	st->rcvbuf = (int32_t)meminfo[SK_MEMINFO_RCVBUF];
+	if (get_int(fd, SOL_SOCKET, SO_BUF_LOCK, &st->buf_lock) < 0 ||
 	    get_int(fd, SOL_SOCKET, SO_MARK, &v) < 0)
 		return TCPR_E_SOCKOPT;
 	st->mark = (uint32_t)v;
