@@ -29,9 +29,11 @@ lint: setup
 	.venv/bin/ruff format --check sessmob netns_testbed tests
 	.venv/bin/mypy
 
+## Benchmarks (root): the raw move, then RM moves against it; JSON in bench-results/.
 bench: setup
 	@mkdir -p bench-results
 	$(PY) -m netns_testbed bench tcp --runs 200 --json bench-results/tcp.json
+	.venv/bin/sessmob bench --runs 200 --json bench-results/rm.json
 
 clean:
 	rm -rf build *.egg-info sessmob/_native/*.so csrc/tests/bin .pytest_cache .mypy_cache
