@@ -11,10 +11,10 @@ reads them as usual. After a failed move they go back into the original socket t
 from __future__ import annotations
 
 import socket
-import struct
 from typing import TYPE_CHECKING, Any
 
 from sessmob.adapters.base import Refused, Role, TransferOffer
+from sessmob.net.inet import is_v4, udp_packet
 from sessmob.session import Flow, FlowKind, ServiceSession
 
 if TYPE_CHECKING:
@@ -33,41 +33,9 @@ _OPTIONS_V6 = {"tos": (_SOL_IPV6, socket.IPV6_TCLASS), "ttl": (_SOL_IPV6, socket
 _DEFAULTS = {"mark": 0, "tos": 0}
 
 
-def _v4(addr: str) -> bool:
-    return ":" not in addr or addr.startswith("::ffff:")
-
-
 def _options(family: int, local: str) -> dict[str, tuple[int, int]]:
     v4 = family == socket.AF_INET or local.startswith("::ffff:")
     return {**_OPTIONS_COMMON, **(_OPTIONS_V4 if v4 else _OPTIONS_V6)}
-
-
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
-def udp_packet(src: tuple[str, int], dst: tuple[str, int], payload: bytes) -> bytes:
-    """A complete IPv4 or IPv6 packet carrying one UDP datagram (for an IPPROTO_RAW socket)."""
-    v4 = _v4(dst[0])
-    fam = socket.AF_INET if v4 else socket.AF_INET6
-    s = socket.inet_pton(fam, src[0].removeprefix("::ffff:") if v4 else src[0])
-    d = socket.inet_pton(fam, dst[0].removeprefix("::ffff:") if v4 else dst[0])
-    length = 8 + len(payload)
-    pseudo = (
-        s + d + (struct.pack("!BBH", 0, 17, length) if v4 else struct.pack("!IxxxB", length, 17))
-    )
-    udp = struct.pack("!HHHH", src[1], dst[1], length, 0) + payload
-    c = _csum(pseudo + udp) or 0xFFFF
-    udp = udp[:6] + struct.pack("!H", c) + udp[8:]
-    if v4:
-        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + length, 0, 0x4000, 64, 17, 0, s, d)
-        return ip + udp
-    return struct.pack("!IHBB16s16s", 6 << 28, length, 17, 64, s, d) + udp
 
 
 class UdpAdapter:
@@ -89,8 +57,8 @@ class UdpAdapter:
         return [f for f in session.flows if f.kind is FlowKind.UDP and f.sock is not None]
 
     def _inject(self, local: tuple[str, int], queued: list[tuple[str, int, bytes]]) -> None:
-        raw = self.raw4 if _v4(local[0]) else self.raw6
-        dst = local[0].removeprefix("::ffff:") if _v4(local[0]) else local[0]
+        raw = self.raw4 if is_v4(local[0]) else self.raw6
+        dst = local[0].removeprefix("::ffff:") if is_v4(local[0]) else local[0]
         for addr, port, payload in queued:
             raw.sendto(udp_packet((addr, port), local, payload), (dst, 0))
 

@@ -16,6 +16,7 @@ import socket
 import struct
 from types import TracebackType
 
+from sessmob.net.inet import checksum
 from sessmob.netns import socket_in
 
 ETH_P_IPV6 = 0x86DD
@@ -39,16 +40,6 @@ class AnnounceError(OSError):
     """Opening the packet socket or sending the announcement failed."""
 
 
-def _checksum(data: bytes) -> int:
-    """RFC 1071 Internet checksum."""
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def build_na(mac: bytes, addr: str) -> bytes:
     """Ethernet frame: unsolicited NA for `addr` from `addr` to ff02::1, Override set.
 
@@ -61,7 +52,7 @@ def build_na(mac: bytes, addr: str) -> bytes:
     length = 4 + len(body)  # type, code, checksum
     pseudo = src + ALL_NODES + struct.pack("!I3xB", length, IPPROTO_ICMPV6)
     icmp0 = struct.pack("!BBH", ND_NEIGHBOR_ADVERT, 0, 0) + body
-    icmp = struct.pack("!BBH", ND_NEIGHBOR_ADVERT, 0, _checksum(pseudo + icmp0)) + body
+    icmp = struct.pack("!BBH", ND_NEIGHBOR_ADVERT, 0, checksum(pseudo + icmp0)) + body
     ip6 = struct.pack("!IHBB16s16s", 6 << 28, length, IPPROTO_ICMPV6, 255, src, ALL_NODES)
     return struct.pack("!6s6sH", ALL_NODES_MAC, mac, ETH_P_IPV6) + ip6 + icmp
 
