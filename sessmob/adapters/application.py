@@ -23,7 +23,7 @@ import stat
 import subprocess
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from sessmob.adapters.base import Refused, Role, TransferOffer
 from sessmob.appproto import (
@@ -46,10 +46,8 @@ from sessmob.appproto import (
     send_frame_async,
     uid_allowed,
 )
+from sessmob.exchange import AppState, ExchangeDoc
 from sessmob.session import Flow, ServiceSession
-
-if TYPE_CHECKING:
-    from sessmob.exchange import ExchangeDoc
 
 __all__ = [
     "AppError",
@@ -824,7 +822,6 @@ class ApplicationAdapter:
         session.app_state = await self.server.suspend(_app(session), session.session_id)
 
     async def get_state(self, session: ServiceSession, doc: ExchangeDoc) -> None:
-        from sessmob.exchange import AppState
 
         doc.apps.append(AppState(session.session_type, session.app_state))
 

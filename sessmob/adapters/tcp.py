@@ -13,14 +13,12 @@ import fcntl
 import socket
 import struct
 import termios
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sessmob import tcp_repair
 from sessmob.adapters.base import Refused, Role, TransferOffer
+from sessmob.exchange import ExchangeDoc, FlowState
 from sessmob.session import Flow, FlowKind, ServiceSession
-
-if TYPE_CHECKING:
-    from sessmob.exchange import ExchangeDoc
 
 SIOCOUTQ = termios.TIOCOUTQ
 
@@ -81,7 +79,6 @@ class TcpAdapter:
             tcp_repair.freeze_many([f.sock for f in flows])  # type: ignore[misc]
 
     async def get_state(self, session: ServiceSession, doc: ExchangeDoc) -> None:
-        from sessmob.exchange import FlowState
 
         flows = self._flows(session)
         if not flows:

@@ -11,14 +11,12 @@ reads them as usual. After a failed move they go back into the original socket t
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sessmob.adapters.base import Refused, Role, TransferOffer
+from sessmob.exchange import ExchangeDoc, FlowState, UdpState
 from sessmob.net.inet import is_v4, udp_packet
 from sessmob.session import Flow, FlowKind, ServiceSession
-
-if TYPE_CHECKING:
-    from sessmob.exchange import ExchangeDoc, UdpState
 
 MAX_DRAIN = 4096  # datagrams per flow
 MAX_DRAIN_BYTES = 16 << 20
@@ -81,7 +79,6 @@ class UdpAdapter:
         return None  # the application is quiet and the address gone: nothing arrives
 
     async def get_state(self, session: ServiceSession, doc: ExchangeDoc) -> None:
-        from sessmob.exchange import FlowState, UdpState
 
         drained: dict[str, list[tuple[str, int, bytes]]] = {}
         for f in self._flows(session):
