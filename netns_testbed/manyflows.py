@@ -240,11 +240,15 @@ class ManyFlows:
             raise RuntimeError(f"CN flow process exited ({self.proc.poll()})")
         return line
 
-    def move(self) -> MoveTiming:
+    def move(self, hold: float = 0.0) -> MoveTiming:
+        """Move every connection to the other device. `hold`: seconds the device side stops
+        reading before the move, so that data queues up (an application that is behind)."""
         assert self.device is not None
         dst = "id" if self.where == "ed" else "ed"
         self.mover.prepare(dst)
         self.device.pause()
+        if hold:
+            time.sleep(hold)
         try:
             new, timing = self.mover.move_many(self.device.socks, self.where, dst)
         except BaseException:

@@ -28,6 +28,7 @@ import os
 import socket
 import struct
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,13 +84,15 @@ _log = logging.getLogger(__name__)
 class _Restored:
     """What activate() needs of a socket restore() built: its state and never-sent bytes."""
 
-    inode: int
+    sock: weakref.ref[socket.socket]  # the object restore() returned (guards against fd reuse)
     state: tuple[TcpSnapshot, Any]  # the snapshot (owns the memory) and its struct tcpr_state *
     unsent: memoryview
     v4: bool  # the flow speaks IPv4 (AF_INET, or AF_INET6 with mapped addresses)
 
 
-# Restored sockets awaiting activate(), by fd (the inode guards against fd reuse).
+# Restored sockets awaiting activate(), by fd. The entry is valid only while the socket
+# object restore() returned is alive and still owns that fd: a closed socket's fd number may
+# belong to another socket by then.
 _restored: dict[int, _Restored] = {}
 _restored_lock = threading.Lock()
 
@@ -260,7 +263,7 @@ def _adopt(fd: int, snapshot: TcpSnapshot, st: Any) -> socket.socket:
     v4 = snapshot.family == socket.AF_INET or bool(snapshot.flags & F_V4MAPPED)
     with _restored_lock:
         unsent = snapshot.unsent if snapshot.unsent_len else _EMPTY
-        _restored[fd] = _Restored(os.fstat(fd).st_ino, (snapshot, st), unsent, v4)
+        _restored[fd] = _Restored(weakref.ref(sock), (snapshot, st), unsent, v4)
     return sock
 
 
@@ -441,11 +444,8 @@ def _take_restored(fd: int) -> _Restored | None:
         entry = _restored.pop(fd, None)
     if entry is None:
         return None
-    try:
-        same = os.fstat(fd).st_ino == entry.inode
-    except OSError:
-        same = False
-    return entry if same else None
+    sock = entry.sock()
+    return entry if sock is not None and sock.fileno() == fd else None
 
 
 class AckSender:
