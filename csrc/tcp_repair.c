@@ -431,7 +431,42 @@ static int buf_for(int32_t old, uint32_t queue)
 	return (int)((want + 1) / 2);
 }
 
-static int restore_options(int fd, const struct tcpr_state *st)
+/* What a fresh socket of this namespace starts with, read once per batch: a batch of
+ * small, autotuned connections then skips the buffer and congestion-control syscalls
+ * whose values the new socket already has. */
+struct fresh_defaults {
+	int valid;
+	uint32_t sndbuf, rcvbuf;
+	char congestion[16];
+};
+
+static void read_defaults(int fd, struct fresh_defaults *d)
+{
+	uint32_t meminfo[SK_MEMINFO_VARS];
+	socklen_t len = sizeof(meminfo);
+
+	memset(d, 0, sizeof(*d));
+	if (getsockopt(fd, SOL_SOCKET, SO_MEMINFO, meminfo, &len) < 0 || len < sizeof(meminfo))
+		return;
+	len = sizeof(d->congestion) - 1;
+	if (getsockopt(fd, SOL_TCP, TCP_CONGESTION, d->congestion, &len) < 0)
+		return;
+	d->sndbuf = meminfo[SK_MEMINFO_SNDBUF];
+	d->rcvbuf = meminfo[SK_MEMINFO_RCVBUF];
+	d->valid = 1;
+}
+
+/* Whether the fresh socket's buffers already hold the queues (with truesize slack) and are
+ * no smaller than the old ones, and the user had not pinned the old ones. */
+static int defaults_fit(const struct tcpr_state *st, const struct fresh_defaults *d)
+{
+	return d && d->valid && !(st->buf_lock & SOCK_BUF_LOCK_MASK) &&
+	       (uint32_t)st->sndbuf <= d->sndbuf && (uint32_t)st->rcvbuf <= d->rcvbuf &&
+	       (uint64_t)st->outq_len * 2 + 4096 <= d->sndbuf &&
+	       (uint64_t)st->inq_len * 2 + 4096 <= d->rcvbuf;
+}
+
+static int restore_options(int fd, const struct tcpr_state *st, const struct fresh_defaults *d)
 {
 	int v4 = st->family == AF_INET || (st->flags & TCPR_F_V4MAPPED);
 
@@ -453,7 +488,7 @@ static int restore_options(int fd, const struct tcpr_state *st)
 		return TCPR_E_SOCKOPT;
 	if (st->mark && set_int(fd, SOL_SOCKET, SO_MARK, (int)st->mark) < 0)
 		return TCPR_E_SOCKOPT;
-	if (st->congestion[0] &&
+	if (st->congestion[0] && !(d && d->valid && !strcmp(d->congestion, st->congestion)) &&
 	    setsockopt(fd, SOL_TCP, TCP_CONGESTION, st->congestion, strlen(st->congestion)) < 0)
 		return TCPR_E_SOCKOPT;
 	if (st->tos && set_int(fd, v4 ? SOL_IP : SOL_IPV6, v4 ? IP_TOS : IPV6_TCLASS, st->tos) < 0)
@@ -469,7 +504,8 @@ static int restore_options(int fd, const struct tcpr_state *st)
 	return TCPR_OK;
 }
 
-static int restore_into(int fd, const struct tcpr_state *st, const uint8_t *queues)
+static int restore_into(int fd, const struct tcpr_state *st, const uint8_t *queues,
+			struct fresh_defaults *d)
 {
 	struct sockaddr_storage src, dst;
 	socklen_t slen, dlen;
@@ -521,14 +557,18 @@ static int restore_into(int fd, const struct tcpr_state *st, const uint8_t *queu
 	    set_int(fd, SOL_TCP, TCP_TIMESTAMP, (int)st->ts_val) < 0)
 		return TCPR_E_TIMESTAMP;
 
+	if (d && !d->valid)
+		read_defaults(fd, d); /* first socket of a batch, before its buffers are forced */
 	/* A repair-mode send into a too-small buffer would block forever. */
-	if (set_int(fd, SOL_SOCKET, SO_SNDBUFFORCE, buf_for(st->sndbuf, st->outq_len)) < 0 ||
-	    set_int(fd, SOL_SOCKET, SO_RCVBUFFORCE, buf_for(st->rcvbuf, st->inq_len)) < 0)
-		return TCPR_E_BUF;
-	/* Forcing sizes pins them; give autotuning back unless the user had pinned them. */
-	if ((st->buf_lock & SOCK_BUF_LOCK_MASK) != SOCK_BUF_LOCK_MASK &&
-	    set_int(fd, SOL_SOCKET, SO_BUF_LOCK, st->buf_lock & SOCK_BUF_LOCK_MASK) < 0)
-		return TCPR_E_BUF;
+	if (!defaults_fit(st, d)) {
+		if (set_int(fd, SOL_SOCKET, SO_SNDBUFFORCE, buf_for(st->sndbuf, st->outq_len)) < 0 ||
+		    set_int(fd, SOL_SOCKET, SO_RCVBUFFORCE, buf_for(st->rcvbuf, st->inq_len)) < 0)
+			return TCPR_E_BUF;
+		/* Forcing sizes pins them; give autotuning back unless the user had pinned them. */
+		if ((st->buf_lock & SOCK_BUF_LOCK_MASK) != SOCK_BUF_LOCK_MASK &&
+		    set_int(fd, SOL_SOCKET, SO_BUF_LOCK, st->buf_lock & SOCK_BUF_LOCK_MASK) < 0)
+			return TCPR_E_BUF;
+	}
 
 	if (st->inq_len) {
 		if (set_int(fd, SOL_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE) < 0)
@@ -563,11 +603,12 @@ static int restore_into(int fd, const struct tcpr_state *st, const uint8_t *queu
 		if (shutdown(fd, SHUT_WR) < 0)
 			return TCPR_E_FIN;
 	}
-	rc = restore_options(fd, st);
+	rc = restore_options(fd, st, d);
 	return rc;
 }
 
-int tcpr_restore(const struct tcpr_state *st, const uint8_t *queues, int *fd_out)
+static int restore_one(const struct tcpr_state *st, const uint8_t *queues, int *fd_out,
+		       struct fresh_defaults *d)
 {
 	int fd, rc, saved;
 
@@ -584,7 +625,7 @@ int tcpr_restore(const struct tcpr_state *st, const uint8_t *queues, int *fd_out
 	fd = socket(st->family, SOCK_STREAM | SOCK_CLOEXEC, IPPROTO_TCP);
 	if (fd < 0)
 		return TCPR_E_SOCKET;
-	rc = restore_into(fd, st, queues);
+	rc = restore_into(fd, st, queues, d);
 	if (rc) {
 		/* Still in repair mode (or never connected): closing sends nothing. */
 		saved = errno;
@@ -594,6 +635,11 @@ int tcpr_restore(const struct tcpr_state *st, const uint8_t *queues, int *fd_out
 	}
 	*fd_out = fd;
 	return TCPR_OK;
+}
+
+int tcpr_restore(const struct tcpr_state *st, const uint8_t *queues, int *fd_out)
+{
+	return restore_one(st, queues, fd_out, NULL);
 }
 
 static uint32_t csum_add(uint32_t sum, const void *data, size_t len)
@@ -844,8 +890,9 @@ size_t tcpr_restore_many(const struct tcpr_state *const *states, const uint8_t *
 			 size_t n, int *fds, int *rcs, int *errs)
 {
 	size_t failed = 0;
+	struct fresh_defaults d = {0};
 	for (size_t i = 0; i < n; i++)
-		failed += note(tcpr_restore(states[i], queues[i], &fds[i]), rcs, errs, i);
+		failed += note(restore_one(states[i], queues[i], &fds[i], &d), rcs, errs, i);
 	return failed;
 }
 
