@@ -39,6 +39,7 @@ from sessmob.exchange import (
 )
 from sessmob.session import FlowKind
 from sessmob.tcp_snapshot import HEADER_V1, TcpSnapshot
+from tests.snapshots import established
 
 # -- building documents ----------------------------------------------------------------------
 
@@ -54,41 +55,7 @@ def snap(v6: bool = False, inq: bytes = b"", outq: bytes = b"", port: int = 4032
         if v6
         else (socket.AF_INET, "192.0.2.10", "192.0.2.200")
     )
-    return TcpSnapshot(
-        family=family,
-        local_addr=local,
-        local_port=port,
-        remote_addr=remote,
-        remote_port=443,
-        flags=0x0001 | 0x0002 | 0x0004 | 0x0008 | 0x0100,  # ts, sack, wscale, window, nodelay
-        tcp_state=1,
-        snd_seq=0xFFFFFF00,
-        rcv_seq=0x12345678,
-        inq_len=len(inq),
-        outq_len=len(outq),
-        unsent_len=len(outq) // 2,
-        mss_clamp=1448,
-        snd_wscale=7,
-        rcv_wscale=9,
-        ts_val=0x89ABCDEF,
-        snd_wl1=0x12345000,
-        snd_wnd=64000,
-        max_window=262144,
-        rcv_wnd=131072,
-        rcv_wup=0x12345600,
-        keepidle=60,
-        keepintvl=10,
-        keepcnt=5,
-        user_timeout=0,
-        sndbuf=87040,
-        rcvbuf=131072,
-        buf_lock=0,
-        mark=0,
-        tos=0,
-        ttl=64,
-        congestion="cubic",
-        queues=memoryview(inq + outq),
-    )
+    return established(family, (local, port), (remote, 443), inq, outq, len(outq) // 2)
 
 
 def udp(v6: bool = False, connected: bool = True, queued: int = 2) -> UdpState:

@@ -17,6 +17,7 @@ import pytest
 
 from sessmob.exchange import AppState, ExchangeDoc, FlowState, UdpState, decode, encode
 from sessmob.tcp_snapshot import TcpSnapshot
+from tests.snapshots import established
 
 KIB = 1024
 NAME64 = "s" * 60 + "-9.Z"  # [A-Za-z0-9_.-]{1,64}, at its longest
@@ -34,41 +35,10 @@ def tcp_snapshot(v6: bool, inq: int, outq: int, port: int) -> TcpSnapshot:
     )
     n = inq + outq
     queues = (_PATTERN * (n // len(_PATTERN) + 2))[port % 251 : port % 251 + n]
-    return TcpSnapshot(
-        family=family,
-        local_addr=local,
-        local_port=port,
-        remote_addr=remote,
-        remote_port=7000,
-        flags=0x0001 | 0x0002 | 0x0004 | 0x0008 | 0x0100,
-        tcp_state=1,
-        snd_seq=0xFFFFFF00,
-        rcv_seq=0x12345678,
-        inq_len=inq,
-        outq_len=outq,
-        unsent_len=outq // 3,
-        mss_clamp=1428,
-        snd_wscale=7,
-        rcv_wscale=9,
-        ts_val=0x89ABCDEF,
-        snd_wl1=0x12345000,
-        snd_wnd=64000,
-        max_window=262144,
-        rcv_wnd=131072,
-        rcv_wup=0x12345600,
-        keepidle=7200,
-        keepintvl=75,
-        keepcnt=9,
-        user_timeout=0,
-        sndbuf=2626560,
-        rcvbuf=6291456,
-        buf_lock=0,
-        mark=0,
-        tos=0,
-        ttl=64,
-        congestion="cubic",
-        queues=memoryview(queues),
-    )
+    return established(
+        family, (local, port), (remote, 7000), queues[:inq], queues[inq:], outq // 3,
+        mss_clamp=1428, keepidle=7200, keepintvl=75, keepcnt=9, sndbuf=2626560, rcvbuf=6291456,
+    )  # fmt: skip
 
 
 def session(

@@ -36,6 +36,7 @@ from sessmob.tcp_snapshot import (
     TcpSnapshot,
     UnsupportedVersion,
 )
+from tests.snapshots import established
 
 # Field names of HEADER_V1, in order (the golden vector below pins the layout itself).
 HEADER_FIELDS = (
@@ -67,42 +68,13 @@ def snap(
         "v4mapped": (socket.AF_INET6, "::ffff:192.0.2.10", "::ffff:192.0.2.200", F_V4MAPPED),
     }[kind]
     fields: dict[str, Any] = dict(
-        family=family,
-        local_addr=local,
-        local_port=40321,
-        remote_addr=remote,
-        remote_port=443,
         flags=TYPICAL_FLAGS | F_NODELAY | F_KEEPALIVE | flags,
-        tcp_state=1,
-        snd_seq=0xFFFFFF00,  # about to wrap
-        rcv_seq=0x12345678,
-        inq_len=len(inq),
-        outq_len=len(outq),
-        unsent_len=unsent,
-        mss_clamp=1448,
-        snd_wscale=7,
-        rcv_wscale=9,
-        ts_val=0x89ABCDEF,
-        snd_wl1=0x12345000,
-        snd_wnd=64000,
-        max_window=262144,
-        rcv_wnd=131072,
-        rcv_wup=0x12345600,
-        keepidle=60,
-        keepintvl=10,
-        keepcnt=5,
         user_timeout=30000,
-        sndbuf=87040,
-        rcvbuf=131072,
-        buf_lock=0,
         mark=0x2A,
         tos=0x28,
-        ttl=64,
-        congestion="cubic",
-        queues=memoryview(inq + outq),
     )
     fields.update(over)
-    return TcpSnapshot(**fields)
+    return established(family, (local, 40321), (remote, 443), inq, outq, unsent, **fields)
 
 
 def header_of(data: bytes) -> dict[str, Any]:
