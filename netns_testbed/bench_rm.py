@@ -53,8 +53,8 @@ def _cn_counters(tb: Testbed) -> dict[str, int]:
 def _start_echo(bed: RmBed) -> tuple[str, str]:
     """Echo server on ed, importer on id; (session id, session address) once it is there."""
     base = [sys.executable, "-m", "sessmob.apps.echo", "serve", "--port", str(ECHO_PORT)]
-    bed.start_app("ed", [*base, "--rm-socket", os.path.join(bed.state_dir("ed"), "app.sock")])
-    bed.start_app(
+    bed.start_importer("ed", [*base, "--rm-socket", os.path.join(bed.state_dir("ed"), "app.sock")])
+    bed.start_importer(
         "id",
         [*base, "--rm-socket", os.path.join(bed.state_dir("id"), "app.sock"), "--import-only"],
     )

@@ -45,9 +45,9 @@ def rm_demo(moves: int, rate_mb: float) -> int:
     with build_lan() as tb, RmBed(tb) as bed:
         print(f"testbed {tb.prefix}: RMs on ed and id, echo server on ed, client in cn")
         sock = f"{bed.state_dir('ed')}/app.sock"
-        bed.start_app("ed", [py, "-m", "sessmob.apps.echo", "serve", "--rm-socket", sock])
+        bed.start_importer("ed", [py, "-m", "sessmob.apps.echo", "serve", "--rm-socket", sock])
         sock = f"{bed.state_dir('id')}/app.sock"
-        bed.start_app(
+        bed.start_importer(
             "id", [py, "-m", "sessmob.apps.echo", "serve", "--rm-socket", sock, "--import-only"]
         )
         s = bed.wait_session("ed")
@@ -79,12 +79,13 @@ def rm_demo(moves: int, rate_mb: float) -> int:
             where = to
             time.sleep(0.2)
         client.terminate()
-        out, err = client.communicate(timeout=30)
+        out, _ = client.communicate(timeout=30)
+        err = bed.stderr_of(client)
         rep = json.loads(out.decode().strip().splitlines()[-1]) if out else {}
     tm = summarize(t_migs)
     print(f"\nt_Mig median {tm['median']:.3f} ms, max {tm['max']:.3f} ms over {moves} moves")
     if not rep:
-        print(f"demo: the client reported nothing: {err.decode()[-1000:]}", file=sys.stderr)
+        print(f"demo: the client reported nothing: {err}", file=sys.stderr)
         return 1
     print(
         f"client: sent {rep['tx_bytes']} B, got {rep['rx_bytes']} B back verified, "

@@ -10,6 +10,7 @@ socket directly.
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from sessmob.rm.control import ControlClient, ControlError
 from .topology import Testbed
 
 R_PORT = 4700
+_APP_LOGS: dict[int, str] = {}  # application pid -> its stderr log
 DEVICES = ("ed", "id")
 
 
@@ -122,9 +124,40 @@ class RmBed:
         return ControlClient(os.path.join(self.state_dir(dev), "control.sock"))
 
     def start_app(self, dev: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        """Start an application process inside `dev` (stopped on close)."""
-        p = self.tb.popen(dev, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        """Start an application process inside `dev` (stopped on close). Its stdout is a pipe
+        (ready lines, reports); its stderr goes to a file, so a chatty log can never fill a
+        pipe nobody reads and stall the application."""
+        path = os.path.join(self.root, f"app{len(self.apps)}-{dev}.log")
+        with open(path, "wb") as err:
+            p = self.tb.popen(dev, argv, stdout=subprocess.PIPE, stderr=err)
+        _APP_LOGS[p.pid] = path
         self.apps.append(p)
+        return p
+
+    @staticmethod
+    def stderr_of(proc: subprocess.Popen[bytes]) -> str:
+        """The tail of an application's log (see start_app)."""
+        try:
+            with open(_APP_LOGS[proc.pid], errors="replace") as f:
+                return f.read()[-2000:]
+        except (KeyError, OSError):
+            return ""
+
+    @staticmethod
+    def wait_ready(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> str:
+        """Wait for an application's ready line (printed once its RM registered it)."""
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        line = proc.stdout.readline() if ready else b""
+        if not line:
+            err = RmBed.stderr_of(proc)
+            raise RuntimeError(f"application not ready within {timeout}s: {err}")
+        return line.decode(errors="replace").strip()
+
+    def start_importer(self, dev: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        """Start an application and return once the RM on `dev` knows it."""
+        p = self.start_app(dev, argv)
+        self.wait_ready(p)
         return p
 
     def sessions(self, dev: str) -> list[dict[str, Any]]:

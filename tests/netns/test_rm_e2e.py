@@ -25,8 +25,9 @@ PY = sys.executable
 
 
 def echo_serve(bed: RmBed, dev: str, *, import_only: bool = False) -> subprocess.Popen[bytes]:
+    """Start the echo app on `dev`; returns once `dev`'s RM has registered it."""
     argv = [PY, "-m", "sessmob.apps.echo", "serve", "--rm-socket", f"{bed.state_dir(dev)}/app.sock"]
-    return bed.start_app(dev, [*argv, "--import-only"] if import_only else argv)
+    return bed.start_importer(dev, [*argv, "--import-only"] if import_only else argv)
 
 
 def client(bed: RmBed, addr: str, *extra: str) -> subprocess.Popen[bytes]:
@@ -37,8 +38,8 @@ def client(bed: RmBed, addr: str, *extra: str) -> subprocess.Popen[bytes]:
 
 
 def report(p: subprocess.Popen[bytes]) -> dict:
-    out, err = p.communicate(timeout=60)
-    assert out, f"client printed nothing; stderr:\n{err.decode()[-2000:]}"
+    out, _ = p.communicate(timeout=60)
+    assert out, f"client printed nothing; stderr:\n{RmBed.stderr_of(p)}"
     return json.loads(out.decode().strip().splitlines()[-1])
 
 
