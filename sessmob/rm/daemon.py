@@ -102,6 +102,7 @@ class RelocationManager:
             os.path.join(cfg.state_dir, "control.sock"), self, allowed_uids=cfg.allowed_uids
         )
         self._peer_server: asyncio.AbstractServer | None = None
+        self._background: set[asyncio.Future[None]] = set()
 
     # -- life -----------------------------------------------------------------------------
 
@@ -409,21 +410,31 @@ class RelocationManager:
         for name, work in (
             ("udp", self.udp.resume(s, Role.IMPORT)),
             ("announce", self.net.do_postsignaling(s, Role.IMPORT)),
-            ("application", self.app.resume(s, Role.IMPORT)),
         ):
             try:
                 await work
             except Exception as e:  # past the commit point: report, never roll back
                 errors.append(f"{name}: {_reason(e)}")
                 log.error("session %s after activation, %s: %s", s.session_id, name, e)
+        # The application's resume goes out now; its acknowledgement is not waited for
+        # before replying (it changes nothing: the session runs here either way).
+        resumed = asyncio.ensure_future(self.app.resume(s, Role.IMPORT))
+        self._background.add(resumed)  # keep it alive until done
+        resumed.add_done_callback(lambda f: self._after_resume(s, f))
+        await asyncio.sleep(0)  # let it write its frame before our reply goes out
         times["postsignaling_ms"] = round((time.perf_counter() - t) * 1e3, 3)
         s.state = SessionState.ACTIVE
         self.sessions[s.session_id] = s
-        await self.app.release_resources(inc.offer)
         self.incoming.pop(reservation_id, None)
+        await self.app.release_resources(inc.offer)
         if errors:
             times["post_commit_errors"] = float(len(errors))
         return times
+
+    def _after_resume(self, s: ServiceSession, f: asyncio.Future[None]) -> None:
+        self._background.discard(f)
+        if not f.cancelled() and f.exception() is not None:
+            log.error("session %s: application resume failed: %s", s.session_id, f.exception())
 
     async def abort(self, reservation_id: str, reason: str) -> None:
         inc = self.incoming.get(reservation_id)
