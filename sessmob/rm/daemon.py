@@ -511,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         asyncio.run(_run(cfg))
-    except OSError as e:
+    except (OSError, RuntimeError, ValueError) as e:
+        # Start-up failures: interface missing, nft absent, address in use, socket taken...
         print(f"sessmob rm: {e}", file=sys.stderr)
         return 1
     return 0
