@@ -3,6 +3,7 @@
 Example (one device of the namespace testbed)::
 
     device = "ed"
+    adapters = ["application", "net_addr", "tcp", "udp"]   # udp may be left out
 
     [r]                          # interface R: where this RM listens for other RMs
     listen = "2001:db8:1::2"
@@ -44,6 +45,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+ALL_ADAPTERS = ("application", "net_addr", "tcp", "udp")
+REQUIRED_ADAPTERS = ("application", "net_addr", "tcp")
 
 
 class ConfigError(ValueError):
@@ -79,6 +82,7 @@ class Config:
     peer_timeout: float = 2.0
     app_timeout: float = 2.0
     max_document: int = 256 << 20
+    adapters: tuple[str, ...] = ("application", "net_addr", "tcp", "udp")
     # Fault injection for the tests of the failure paths; never set in production.
     faults: frozenset[str] = frozenset()  # "export:tcp.get_state", "import:application.set_state"
     delay_after_check: float = 0.0  # s the exporter waits after CheckPreconditions
@@ -151,6 +155,18 @@ def parse(data: dict[str, Any], state_dir: str) -> Config:
             raise ConfigError(f"limits.{key}: a positive number, got {v!r}")
         return float(v)
 
+    adapters = data.get("adapters", list(ALL_ADAPTERS))
+    if not isinstance(adapters, list) or not all(isinstance(a, str) for a in adapters):
+        raise ConfigError("adapters: a list of adapter names")
+    unknown = set(adapters) - set(ALL_ADAPTERS)
+    if unknown:
+        raise ConfigError(f"adapters: unknown {sorted(unknown)} (known: {list(ALL_ADAPTERS)})")
+    missing = set(REQUIRED_ADAPTERS) - set(adapters)
+    if missing:
+        raise ConfigError(
+            f"adapters: {sorted(missing)} cannot be disabled (the RM moves TCP sessions by "
+            "address takeover; udp is optional)"
+        )
     faults = data.get("faults", {})
     fail = faults.get("fail", [])
     if not isinstance(fail, list) or not all(isinstance(f, str) for f in fail):
@@ -173,6 +189,7 @@ def parse(data: dict[str, Any], state_dir: str) -> Config:
         peer_timeout=num("peer_timeout", 2.0),
         app_timeout=num("app_timeout", 2.0),
         max_document=int(num("max_document", 256 << 20)),
+        adapters=tuple(a for a in ALL_ADAPTERS if a in adapters),
         faults=frozenset(fail),
         delay_after_check=float(delay),
     )

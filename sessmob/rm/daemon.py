@@ -82,7 +82,9 @@ class RelocationManager:
         self._next = 0
         self.net = NetAddrAdapter(cfg.interface, cfg.pool)
         self.tcp = TcpAdapter()
-        self.udp = UdpAdapter()
+        self.udp = UdpAdapter() if "udp" in cfg.adapters else None
+        # The transport adapters in the order every primitive visits them.
+        self.transports: list[Adapter] = [self.tcp, *([self.udp] if self.udp else [])]
         self.appserver = AppServer(
             os.path.join(cfg.state_dir, "app.sock"),
             self,
@@ -130,7 +132,8 @@ class RelocationManager:
         for s in list(self.sessions.values()):
             self.net.free(s)
         self.tcp.close()
-        self.udp.close()
+        if self.udp is not None:
+            self.udp.close()
         self.net.close()
 
     # -- SessionHost (applications) -------------------------------------------------------
@@ -150,6 +153,8 @@ class RelocationManager:
         if sock.type not in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
             raise ValueError(f"flow socket of type {sock.type!r}: only TCP and UDP move")
         kind = FlowKind.TCP if sock.type == socket.SOCK_STREAM else FlowKind.UDP
+        if kind is FlowKind.UDP and self.udp is None:
+            raise ValueError("UDP flows cannot move: the udp adapter is not enabled here")
         local = sock.getsockname()[:2]
         mine = {a.addr for a in session.addresses}
         if local[0].removeprefix("::ffff:") not in mine:
@@ -285,7 +290,8 @@ class RelocationManager:
         # Application first (it stops touching the sockets), then isolation (address gone),
         # then the freeze: a socket in repair mode still ACKs what arrives. `reached` gets
         # every adapter whose suspend was entered (a failed one may have half-happened).
-        for a in (self.app, self.net, self.tcp, self.udp):
+        order: list[Adapter] = [self.app, self.net, *self.transports]
+        for a in order:
             self._fault(f"export:{a.name}.suspend")
             reached.append(a)
             await a.suspend(s)
@@ -294,7 +300,7 @@ class RelocationManager:
         doc = ExchangeDoc(
             session_id=s.session_id, session_type=s.session_type, source=self.cfg.device
         )
-        for a in (self.net, self.tcp, self.udp, self.app):
+        for a in (self.net, *self.transports, self.app):
             self._fault(f"export:{a.name}.get_state")
             await a.get_state(s, doc)
         return encode(doc)
@@ -321,12 +327,12 @@ class RelocationManager:
             log.warning("abort of %s not delivered: %s", res.reservation_id, _reason(e))
         # Address back first, then the sockets leave repair mode, then the application;
         # only what the suspend reached.
-        for a in (self.net, self.tcp, self.udp, self.app):
+        for a in (self.net, *self.transports, self.app):
             if a in reached:
                 await a.resume(s, Role.EXPORT)
 
     def _adapters(self) -> list[Adapter]:
-        return [self.app, self.net, self.tcp, self.udp]
+        return [self.app, self.net, *self.transports]
 
     async def _each(
         self, primitive: str, s: ServiceSession, role: Role, reverse: bool = False
@@ -335,7 +341,7 @@ class RelocationManager:
         if primitive == "shutdown":
             # Transport first: sockets released in repair mode before the application
             # closes its own descriptors (the last close must be silent).
-            adapters = [self.tcp, self.udp, self.app, self.net]
+            adapters = [*self.transports, self.app, self.net]
         for a in reversed(adapters) if reverse else adapters:
             fn: Callable[[ServiceSession, Role], Awaitable[None]] = getattr(a, primitive)
             await fn(s, role)
@@ -382,7 +388,7 @@ class RelocationManager:
         t = time.perf_counter()
         # Address first (restored sockets bind to it), the application last (it gets the
         # restored sockets and the state, but uses them only after activation).
-        for a in (self.net, self.tcp, self.udp, self.app):
+        for a in (self.net, *self.transports, self.app):
             inc.done.append(a)
             self._fault(f"import:{a.name}.set_state")
             await a.set_state(s, doc)
@@ -407,10 +413,9 @@ class RelocationManager:
         inc.expiry.cancel()
         times["activate_ms"] = round((time.perf_counter() - t) * 1e3, 3)
         errors = []
-        for name, work in (
-            ("udp", self.udp.resume(s, Role.IMPORT)),
-            ("announce", self.net.do_postsignaling(s, Role.IMPORT)),
-        ):
+        post = [(a.name, a.resume(s, Role.IMPORT)) for a in self.transports if a is not self.tcp]
+        post.append(("announce", self.net.do_postsignaling(s, Role.IMPORT)))
+        for name, work in post:
             try:
                 await work
             except Exception as e:  # past the commit point: report, never roll back
