@@ -71,6 +71,7 @@ class _Incoming:
     activated: bool = False
     done: list[Adapter] = field(default_factory=list)  # adapters whose set_state ran
     set_state_ms: float = 0.0
+    parts: dict[str, float] = field(default_factory=dict)  # per-adapter SetState times
 
 
 class RelocationManager:
@@ -391,7 +392,9 @@ class RelocationManager:
         for a in (self.net, *self.transports, self.app):
             inc.done.append(a)
             self._fault(f"import:{a.name}.set_state")
+            t_a = time.perf_counter()
             await a.set_state(s, doc)
+            inc.parts[f"set_state_{a.name}_ms"] = round((time.perf_counter() - t_a) * 1e3, 3)
         inc.set_state_ms = round((time.perf_counter() - t) * 1e3, 3)
 
     async def activate_session(self, reservation_id: str) -> dict[str, float]:
@@ -399,7 +402,7 @@ class RelocationManager:
         s = inc.session
         if s is None:
             raise Refused("rm", f"reservation {reservation_id} has no transferred session")
-        times: dict[str, float] = {"set_state_ms": inc.set_state_ms}
+        times: dict[str, float] = {"set_state_ms": inc.set_state_ms, **inc.parts}
         t = time.perf_counter()
         try:
             for a in (self.net, self.tcp):
