@@ -247,45 +247,14 @@ static int dump_options(int fd, struct tcpr_state *st)
 	return TCPR_OK;
 }
 
-int tcpr_dump(int fd, struct tcpr_state *st, uint8_t **queues)
+/* Queue lengths, sequence numbers and bytes, consistent with each other. */
+static int dump_queues(int fd, struct tcpr_state *st, uint8_t **bufp)
 {
-	struct tcp_info ti;
-	struct tcp_repair_window win;
-	socklen_t len;
-	int inq, outq, unsent, v, rc;
+	int inq, outq, unsent, rc;
 	uint8_t *buf = NULL;
 
-	*queues = NULL;
-	if (st->size < sizeof(*st)) {
-		errno = EINVAL;
-		return TCPR_E_VERSION;
-	}
-	memset(st, 0, sizeof(*st));
-	st->version = TCPR_STATE_VERSION;
-	st->size = sizeof(*st);
-
-	len = sizeof(ti);
-	memset(&ti, 0, sizeof(ti));
-	if (getsockopt(fd, SOL_TCP, TCP_INFO, &ti, &len) < 0)
-		return errno == ENOTSOCK ? TCPR_E_NOT_SOCKET : TCPR_E_INFO;
-	st->tcp_state = ti.tcpi_state;
-	if (!repairable_state(ti.tcpi_state)) {
-		errno = EINVAL;
-		return TCPR_E_STATE;
-	}
-	if (ti.tcpi_options & TCPI_OPT_TIMESTAMPS)
-		st->flags |= TCPR_F_TIMESTAMP;
-	if (ti.tcpi_options & TCPI_OPT_SACK)
-		st->flags |= TCPR_F_SACK;
-	if (ti.tcpi_options & TCPI_OPT_WSCALE) {
-		st->flags |= TCPR_F_WSCALE;
-		st->snd_wscale = ti.tcpi_snd_wscale;
-		st->rcv_wscale = ti.tcpi_rcv_wscale;
-	}
-	rc = dump_names(fd, st);
-	if (rc)
-		return rc;
-
+	*bufp = NULL;
+	st->flags &= ~TCPR_F_FIN_UNSENT;
 	if (ioctl(fd, SIOCINQ, &inq) < 0 || ioctl(fd, SIOCOUTQ, &outq) < 0 ||
 	    ioctl(fd, SIOCOUTQNSD, &unsent) < 0)
 		return TCPR_E_QUEUE_LEN;
@@ -322,6 +291,63 @@ int tcpr_dump(int fd, struct tcpr_state *st, uint8_t **queues)
 	if (!rc)
 		rc = dump_queue(fd, TCP_SEND_QUEUE, &st->snd_seq, buf ? buf + inq : NULL,
 				st->outq_len);
+	if (rc) {
+		int saved = errno;
+		free(buf);
+		errno = saved;
+		return rc;
+	}
+	*bufp = buf;
+	return TCPR_OK;
+}
+
+int tcpr_dump(int fd, struct tcpr_state *st, uint8_t **queues)
+{
+	struct tcp_info ti;
+	struct tcp_repair_window win;
+	socklen_t len;
+	int v, rc, attempt;
+	uint8_t *buf = NULL;
+
+	*queues = NULL;
+	if (st->size < sizeof(*st)) {
+		errno = EINVAL;
+		return TCPR_E_VERSION;
+	}
+	memset(st, 0, sizeof(*st));
+	st->version = TCPR_STATE_VERSION;
+	st->size = sizeof(*st);
+
+	len = sizeof(ti);
+	memset(&ti, 0, sizeof(ti));
+	if (getsockopt(fd, SOL_TCP, TCP_INFO, &ti, &len) < 0)
+		return errno == ENOTSOCK ? TCPR_E_NOT_SOCKET : TCPR_E_INFO;
+	st->tcp_state = ti.tcpi_state;
+	if (!repairable_state(ti.tcpi_state)) {
+		errno = EINVAL;
+		return TCPR_E_STATE;
+	}
+	if (ti.tcpi_options & TCPI_OPT_TIMESTAMPS)
+		st->flags |= TCPR_F_TIMESTAMP;
+	if (ti.tcpi_options & TCPI_OPT_SACK)
+		st->flags |= TCPR_F_SACK;
+	if (ti.tcpi_options & TCPI_OPT_WSCALE) {
+		st->flags |= TCPR_F_WSCALE;
+		st->snd_wscale = ti.tcpi_snd_wscale;
+		st->rcv_wscale = ti.tcpi_rcv_wscale;
+	}
+	rc = dump_names(fd, st);
+	if (rc)
+		return rc;
+
+	/* Segments that reached the socket before the isolation may still sit in its backlog
+	 * and be processed when one of our calls releases the socket lock, changing a queue
+	 * between its length and its bytes. Nothing new arrives once isolated: read again. */
+	for (attempt = 0;; attempt++) {
+		rc = dump_queues(fd, st, &buf);
+		if (rc != TCPR_E_PEEK || errno != EAGAIN || attempt == 3)
+			break;
+	}
 	if (rc)
 		goto fail;
 	if (in_states(st->tcp_state, OUR_FIN))

@@ -89,6 +89,7 @@ struct fault {
 	long ret;
 };
 
+#define EVERY (-1) /* fault.nth: fire on every matching call */
 static struct fault fi;
 static int fi_seen, fi_fired;
 
@@ -108,7 +109,7 @@ static int fi_hit(enum fi_fn fn, long a, long b)
 {
 	if (fi.fn != fn || (fi.a != ANY && fi.a != a) || (fi.b != ANY && fi.b != b))
 		return 0;
-	if (fi_seen++ != fi.nth)
+	if (fi_seen++ != fi.nth && fi.nth != EVERY)
 		return 0;
 	fi_fired = 1;
 	return 1;
@@ -1497,8 +1498,10 @@ static void test_dump_step_failures(void)
 		{ { FI_GETSOCKOPT, SOL_TCP, TCP_QUEUE_SEQ, 1, FAULT_ERRNO, 0 }, TCPR_E_QUEUE_SEQ },
 		{ { FI_RECV, ANY, ANY, 0, FAULT_ERRNO, 0 }, TCPR_E_PEEK },
 		{ { FI_RECV, ANY, ANY, 1, FAULT_ERRNO, 0 }, TCPR_E_PEEK },
-		{ { FI_RECV, ANY, ANY, 0, 0, 1 }, TCPR_E_PEEK },  /* queue shrank */
-		{ { FI_RECV, ANY, ANY, 1, 0, 1 << 30 }, TCPR_E_PEEK }, /* queue grew */
+		/* A queue that keeps changing between its length and its bytes (a transient
+		 * change is read again: test_dump_rereads_a_queue_that_changed_once). */
+		{ { FI_RECV, ANY, ANY, EVERY, 0, 1 }, TCPR_E_PEEK },       /* queue shrank */
+		{ { FI_RECV, ANY, ANY, EVERY, 0, 1 << 30 }, TCPR_E_PEEK }, /* queue grew */
 		{ { FI_GETSOCKOPT, SOL_TCP, TCP_MAXSEG, 0, FAULT_ERRNO, 0 }, TCPR_E_MSS },
 		{ { FI_GETSOCKOPT, SOL_TCP, TCP_TIMESTAMP, 0, FAULT_ERRNO, 0 }, TCPR_E_TIMESTAMP },
 		{ { FI_GETSOCKOPT, SOL_TCP, TCP_REPAIR_WINDOW, 0, FAULT_ERRNO, 0 }, TCPR_E_WINDOW },
@@ -1540,6 +1543,39 @@ static void test_dump_step_failures(void)
 	CHECK_RC(tcpr_dump(sg.p.a, &st, &q), TCPR_OK);
 	check_dump(&sg, &st, q, V4);
 	free(q);
+	close_pair(&sg.p);
+}
+
+/* A queue that changes once between its length and its bytes (segments processed from the
+ * socket's backlog when one of dump's calls releases the lock) is read again: the dump
+ * succeeds and matches. */
+static void test_dump_rereads_a_queue_that_changed_once(void)
+{
+	struct staged sg;
+	struct tcpr_state st;
+	uint8_t *q = NULL;
+	struct fault once[] = {
+		{ FI_RECV, ANY, ANY, 0, 0, 1 },       /* shrank */
+		{ FI_RECV, ANY, ANY, 1, 0, 1 << 30 }, /* grew */
+	};
+
+	if (stage(&sg, V4, 0) < 0) {
+		CHECK(!"staging the connection");
+		close_pair(&sg.p);
+		return;
+	}
+	CHECK(drop_all(sg.p.a) == 0);
+	CHECK_RC(tcpr_freeze(sg.p.a), TCPR_OK);
+	for (size_t i = 0; i < sizeof(once) / sizeof(once[0]); i++) {
+		st.size = sizeof(st);
+		fi_arm(once[i]);
+		CHECK_RC(tcpr_dump(sg.p.a, &st, &q), TCPR_OK);
+		fi_disarm();
+		CHECK(fi_fired);
+		check_dump(&sg, &st, q, V4);
+		free(q);
+		q = NULL;
+	}
 	close_pair(&sg.p);
 }
 
@@ -1714,6 +1750,7 @@ int main(void)
 		T(test_release_of_unfrozen_established_socket_is_silent, 1),
 		T(test_freeze_step_failures, 1),
 		T(test_dump_step_failures, 1),
+		T(test_dump_rereads_a_queue_that_changed_once, 1),
 		T(test_restore_activate_release_step_failures, 1),
 	};
 #undef T

@@ -179,7 +179,9 @@ def test_pause_swap_resume_and_cn_stall(pair: Pair) -> None:
             ep.resume()
             time.sleep(0.2)
             stall = cn.stats()["max_rx_gap_ms"]
-            assert 95 <= stall < 150, stall
+            # Bytes already queued before the pause keep arriving for a few ms (up to ~8 ms
+            # seen under load), so the gap the CN sees is the pause minus that, not more.
+            assert 80 <= stall < 150, stall
             cn.mark()
             time.sleep(0.2)
             assert cn.stats()["max_rx_gap_ms"] < 20  # steady 10 MB/s: sub-ms gaps
