@@ -117,6 +117,7 @@ class RawMover:
     def close(self) -> None:
         for dev in self.devices.values():
             dev.acks.close()
+            dev.addr.close()
             dev.announcer.close()
             dev.rtnl.close()
             os.close(dev.ns_fd)

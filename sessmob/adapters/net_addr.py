@@ -38,6 +38,7 @@ class _Prepared:
     announcer: Announcer
 
     def close(self) -> None:
+        self.move.close()
         self.announcer.close()
 
 
