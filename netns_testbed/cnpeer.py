@@ -31,11 +31,11 @@ import subprocess
 import sys
 import tempfile
 import threading
-from types import TracebackType
 from typing import IO, Any
 
 from netns_testbed.counters import read_tcp_counters
 from netns_testbed.stream import StreamEndpoint, StreamError, StreamResult
+from sessmob.closing import Closing
 
 _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 # The controlling side
 
 
-class CnPeer:
+class CnPeer(Closing):
     """Client for a CN peer process running inside a namespace. A context manager."""
 
     def __init__(self, proc: subprocess.Popen[str], port: int, stderr: IO[str]) -> None:
@@ -369,17 +369,6 @@ class CnPeer:
             self.proc.stdout.close()
         with contextlib.suppress(OSError):
             self._stderr.close()
-
-    def __enter__(self) -> CnPeer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- plumbing -------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from sessmob.closing import Closing
 from sessmob.netns import socket_in
 
 from .rawmove import MoveTiming, RawMover
@@ -196,7 +197,7 @@ def serve(netns_name: str, addr: str, n: int, family: int) -> int:
     return 0
 
 
-class ManyFlows:
+class ManyFlows(Closing):
     """N verified connections on the session address, moved together between ed and id.
 
     The CN side runs in its own process, so its work does not compete with the move for
@@ -296,12 +297,6 @@ class ManyFlows:
             with contextlib.suppress(OSError):
                 dev.addr.delete()
         self.mover.close()
-
-    def __enter__(self) -> ManyFlows:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 if __name__ == "__main__":

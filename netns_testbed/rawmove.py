@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 
 from sessmob import netns, tcp_repair
+from sessmob.closing import Closing
 from sessmob.net import neigh
 from sessmob.net.announce import Announcer
 from sessmob.net.isolation import install_output_guard
@@ -77,7 +78,7 @@ class _Device:
     acks: tcp_repair.AckSender
 
 
-class RawMover:
+class RawMover(Closing):
     """Moves the session address and one connection on it between `ed` and `id` of a lan.
 
     Everything a move needs (netlink sockets, encoded messages, namespace fds, announcement
@@ -125,12 +126,6 @@ class RawMover:
         if self._home >= 0:
             os.close(self._home)
             self._home = -1
-
-    def __enter__(self) -> RawMover:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def place(self, device: str) -> None:
         """Put the session address on `device` (set-up, not a move) and announce it, so that

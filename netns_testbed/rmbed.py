@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from sessmob.closing import Closing
 from sessmob.rm.control import ControlClient, ControlError
 
 from .topology import Testbed
@@ -29,7 +30,7 @@ DEVICES = ("ed", "id")
 
 
 @dataclass
-class RmBed:
+class RmBed(Closing):
     """RMs on ed and id of a lan testbed (plus whatever apps the caller starts)."""
 
     tb: Testbed
@@ -187,9 +188,3 @@ class RmBed:
                 p.kill()
                 p.wait()
         shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> RmBed:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from sessmob.closing import Closing
 from sessmob.netns import socket_in
 
 from .cnpeer import CnPeer, finish_pair
@@ -47,7 +48,7 @@ class Finished:
 
 
 @dataclass
-class MovingStream:
+class MovingStream(Closing):
     """One verified bidirectional stream whose connection hops between ed and id.
 
     kind: "ipv6", "ipv4" or "v4mapped" (an AF_INET6 socket talking IPv4). rate: bytes/s each
@@ -153,12 +154,6 @@ class MovingStream:
             with contextlib.suppress(OSError):
                 dev.addr.delete()
         self.mover.close()
-
-    def __enter__(self) -> MovingStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def summarize(values: list[float]) -> dict[str, float]:

@@ -61,6 +61,7 @@ from sessmob.appproto import (
     recv_chunk,
     send_frame,
 )
+from sessmob.closing import Closing
 
 __all__ = [
     "AppKit",
@@ -133,7 +134,7 @@ class _Waiter:
         self.msg: Message | None = None
 
 
-class AppKit:
+class AppKit(Closing):
     """A connection to the local Relocation Manager (see the module docstring)."""
 
     def __init__(
@@ -296,12 +297,6 @@ class AppKit:
         if self._reader.is_alive() and threading.current_thread() is not self._reader:
             self._reader.join(5.0)
         self._lost("closed by the application")
-
-    def __enter__(self) -> AppKit:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- requests ------------------------------------------------------------------------------
 

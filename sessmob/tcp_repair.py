@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sessmob._native._tcp_repair import ffi, lib
+from sessmob.closing import Closing
 from sessmob.tcp_snapshot import (
     F_NONBLOCK,
     F_V4MAPPED,
@@ -448,7 +449,7 @@ def _take_restored(fd: int) -> _Restored | None:
     return entry if sock is not None and sock.fileno() == fd else None
 
 
-class AckSender:
+class AckSender(Closing):
     """Raw sockets with which activate() tells the peer the restored window at once.
 
     Leaving repair mode makes the kernel send only a window probe with an old sequence
@@ -472,12 +473,6 @@ class AckSender:
     def close(self) -> None:
         self.v4.close()
         self.v6.close()
-
-    def __enter__(self) -> AckSender:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 _SIOCGSKNS = 0x894C  # linux/sockios.h: an fd of the socket's network namespace

@@ -14,8 +14,8 @@ import errno
 import ipaddress
 import socket
 import struct
-from types import TracebackType
 
+from sessmob.closing import Closing
 from sessmob.net.inet import checksum
 from sessmob.netns import socket_in
 
@@ -72,7 +72,7 @@ def build_garp(mac: bytes, addr: str) -> bytes:
     return frame + b"\0" * (ETH_ZLEN - len(frame))
 
 
-class Announcer:
+class Announcer(Closing):
     """One prebuilt NA (IPv6) or gratuitous ARP (IPv4) frame on an open packet socket.
 
     Built while `addr` need not yet be configured; `send()` just puts the frame on the wire of
@@ -116,14 +116,3 @@ class Announcer:
 
     def close(self) -> None:
         self.sock.close()
-
-    def __enter__(self) -> Announcer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -24,8 +24,8 @@ import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from types import TracebackType
 
+from sessmob.closing import Closing
 from sessmob.netns import socket_in
 
 # <linux/netlink.h>
@@ -148,7 +148,7 @@ class Address:
     flags: int
 
 
-class Rtnl:
+class Rtnl(Closing):
     """A NETLINK_ROUTE socket living in one network namespace, kept open for fast requests."""
 
     def __init__(self, sock: socket.socket, netns: str | None) -> None:
@@ -176,17 +176,6 @@ class Rtnl:
 
     def close(self) -> None:
         self.sock.close()
-
-    def __enter__(self) -> Rtnl:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def next_seq(self) -> int:
         """A sequence number not used before on this socket (distinguishes replies)."""
@@ -466,7 +455,7 @@ class LocalRouteEvents:
         self.sock.close()
 
 
-class AddressMove:
+class AddressMove(Closing):
     """One address on one interface of one namespace, with its add/delete messages pre-encoded.
 
     RTM_NEWADDR carries IFA_LOCAL and IFA_ADDRESS (equal: not a point-to-point peer), IFA_FLAGS
@@ -606,17 +595,6 @@ class AddressMove:
         """Close the IPv6 route-notification socket (the Rtnl is the caller's)."""
         if self.events is not None:
             self.events.close()
-
-    def __enter__(self) -> AddressMove:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         where = self.rtnl.where
