@@ -35,7 +35,7 @@ class Flow:
     remote: tuple[str, int] | None = None  # None: unconnected UDP
 
 
-@dataclass
+@dataclass(frozen=True)
 class SessionAddress:
     """The session's own address: moving it moves every flow on it."""
 

@@ -236,11 +236,13 @@ def _snapshot(owner: Any, st: Any, qbuf: Any) -> TcpSnapshot:
 
 def _native_state(snapshot: TcpSnapshot) -> Any:
     """The snapshot as a struct tcpr_state: the dumped one, or built (and cached) once."""
-    if snapshot._native is not None:
-        return snapshot._native[1]
-    # Sizes were limited where the bytes were decoded (from_bytes(max_queue=...)); here only
-    # consistency matters.
-    snapshot.validate(max_queue=2**31 - 1)
+    native = snapshot._native
+    if native is not None and native[1] is not None:
+        return native[1]
+    if native is None:  # not decoded by from_bytes (which validated it): check it now
+        # Sizes were limited where the bytes were decoded (from_bytes(max_queue=...)); here
+        # only consistency matters.
+        snapshot.validate(max_queue=2**31 - 1)
     st = ffi.new("struct tcpr_state *")
     st.version = lib.TCPR_STATE_VERSION
     st.size = ffi.sizeof("struct tcpr_state")

@@ -61,6 +61,9 @@ _V4MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 _CC_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789_-")
 
 
+_CHECKED = (None, None)  # _native of a decoded (validated) snapshot without native state
+
+
 class SnapshotError(ValueError):
     """A snapshot (or its byte form) is malformed, truncated, oversized or inconsistent."""
 
@@ -113,8 +116,11 @@ class TcpSnapshot:
     congestion: str
     queues: memoryview
     # The native state this snapshot was dumped into (or already converted to), kept so that
-    # restoring costs no conversion: (owner, struct pointer). Frozen: it cannot go stale; and
-    # not an __init__ argument, so that dataclasses.replace() starts the copy without it.
+    # restoring costs no conversion: (owner, struct pointer); (None, None) for a snapshot
+    # validated by from_bytes that has no native state yet. Set means "checked": a dumped one
+    # comes from the kernel through our own helper, the others passed validate(). Frozen: it
+    # cannot go stale; and not an __init__ argument, so that dataclasses.replace() starts the
+    # copy without it (and validates it again).
     _native: Any = field(default=None, init=False, repr=False, compare=False)
 
     # -- views ---------------------------------------------------------------------------
@@ -169,7 +175,8 @@ class TcpSnapshot:
 
     def to_bytes(self) -> bytes:
         """Encode as version-1 bytes (header + receive queue + send queue)."""
-        self.validate(max_queue=_INT32_MAX)
+        if self._native is None:  # dumped or decoded ones were checked already
+            self.validate(max_queue=_INT32_MAX)
         header = HEADER_V1.pack(
             MAGIC,
             VERSION,
@@ -288,6 +295,7 @@ class TcpSnapshot:
             queues=view[header_len:],
         )
         snap.validate(max_queue)
+        object.__setattr__(snap, "_native", _CHECKED)
         return snap
 
 

@@ -18,10 +18,12 @@ import itertools
 import logging
 import os
 import pwd
+import select
 import socket
 import stat
 import subprocess
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -62,6 +64,7 @@ _log = logging.getLogger(__name__)
 HELLO_TIMEOUT = 10.0  # seconds a connection may stay silent before its hello
 LAUNCH_TIMEOUT = 10.0  # default seconds a launched importer has to say hello
 MAX_INFLIGHT = 64  # requests of one application served at once (more: protocol error)
+SOCKET_WAIT = 0.02  # seconds an RM request waits for its answer on the socket, loop held
 
 
 class SessionHost(Protocol):
@@ -387,10 +390,18 @@ class AppServer:
 
     async def suspend(self, app_id: str, session_id: str) -> bytes:
         """Ask the application to stop using the session; returns its exported state."""
+        return await (await self.start_suspend(app_id, session_id))
+
+    async def start_suspend(self, app_id: str, session_id: str) -> Awaitable[bytes]:
+        """Send the suspend request now; the returned awaitable gives the exported state."""
         owned = self._owned(app_id, session_id, "suspend")
         owned.phase = _Phase.SUSPENDED  # add/remove_flow are refused from now on
-        res = await self._call(app_id, "suspend", {"session_id": session_id}, session_id)
-        return bytes(res["state"])
+        answer = await self._send(app_id, "suspend", {"session_id": session_id}, session_id)
+
+        async def state() -> bytes:
+            return bytes((await answer)["state"])
+
+        return state()
 
     async def import_session(self, app_id: str, session: ServiceSession, state: bytes) -> None:
         """Hand an arriving session to an importer: its state and its (frozen) sockets."""
@@ -418,9 +429,22 @@ class AppServer:
 
     async def resume(self, app_id: str, session_id: str) -> None:
         """Let the application use the session again (ED after a failed move; ID activation)."""
+        await (await self.start_resume(app_id, session_id, wait_on_socket=True))
+
+    async def start_resume(
+        self, app_id: str, session_id: str, *, wait_on_socket: bool = False
+    ) -> Awaitable[None]:
+        """Send the resume request now; the returned awaitable ends with its acknowledgement."""
         owned = self._owned(app_id, session_id, "resume")
-        await self._call(app_id, "resume", {"session_id": session_id}, session_id)
-        owned.phase = _Phase.ACTIVE
+        answer = await self._send(
+            app_id, "resume", {"session_id": session_id}, session_id, wait_on_socket=wait_on_socket
+        )
+
+        async def acknowledged() -> None:
+            await answer
+            owned.phase = _Phase.ACTIVE
+
+        return acknowledged()
 
     async def shutdown(self, app_id: str, session_id: str) -> None:
         """The session left (ED) or its import was aborted (ID): the application closes its
@@ -448,6 +472,25 @@ class AppServer:
         session_id: str,
         fds: list[int] | None = None,
     ) -> dict[str, Any]:
+        pending = await self._send(app_id, op, fields, session_id, fds)
+        return await pending
+
+    async def _send(
+        self,
+        app_id: str,
+        op: str,
+        fields: dict[str, Any],
+        session_id: str,
+        fds: list[int] | None = None,
+        *,
+        wait_on_socket: bool = True,
+    ) -> Awaitable[dict[str, Any]]:
+        """Send a request now; the returned awaitable gives the application's answer.
+
+        Sending does not pass through the event loop (the socket takes small frames at once),
+        so a caller can do other work while the application handles the request. With
+        `wait_on_socket`, awaiting the answer first reads the socket directly for a moment.
+        """
         conn = self._conns.get(app_id)
         if conn is None or conn.closed is not None:
             why = conn.closed if conn is not None else "not connected"
@@ -463,28 +506,63 @@ class AppServer:
         fut: asyncio.Future[Message] = self._loop.create_future()
         conn.pending[msg_id] = (op, fut)
         try:
-            try:
-                async with conn.send_lock:
-                    await send_frame_async(self._loop, conn.sock, frame, fds)
-            except OSError as e:
-                self._drop(conn, f"send failed: {e}")
-                raise AppError(
-                    f"{op} of session {session_id}: sending to {conn.label} failed: {e}"
-                ) from e
-            try:
-                async with asyncio.timeout(self.timeout):
-                    msg = await fut
-            except TimeoutError:
-                raise AppError(
-                    f"application {conn.label} did not answer {op} of session {session_id}"
-                    f" within {self.timeout:g} s"
-                ) from None
+            async with conn.send_lock:
+                await send_frame_async(self._loop, conn.sock, frame, fds)
+        except BaseException as e:
+            conn.pending.pop(msg_id, None)
+            if not isinstance(e, OSError):
+                raise
+            self._drop(conn, f"send failed: {e}")
+            raise AppError(
+                f"{op} of session {session_id}: sending to {conn.label} failed: {e}"
+            ) from e
+        return self._answer(conn, op, session_id, msg_id, fut, wait_on_socket)
+
+    async def _answer(
+        self,
+        conn: _Conn,
+        op: str,
+        session_id: str,
+        msg_id: int,
+        fut: asyncio.Future[Message],
+        wait_on_socket: bool,
+    ) -> dict[str, Any]:
+        t0 = time.monotonic()
+        try:
+            # Inside a move the answer usually comes within a millisecond: wait for it on
+            # the socket itself (a bounded stretch), not through another loop iteration.
+            if wait_on_socket and not fut.done():
+                self._wait_on_socket(conn, fut, min(self.timeout, SOCKET_WAIT))
+            if fut.done():
+                msg = fut.result()
+            else:
+                try:
+                    async with asyncio.timeout(self.timeout - (time.monotonic() - t0)):
+                        msg = await fut
+                except TimeoutError:
+                    raise AppError(
+                        f"application {conn.label} did not answer {op} of session {session_id}"
+                        f" within {self.timeout:g} s"
+                    ) from None
         finally:
             conn.pending.pop(msg_id, None)
         if not msg.ok:
             raise AppError(f"application {conn.label} failed {op} of session {session_id}:"
                            f" {msg.error}")  # fmt: skip
-        return msg.result(op)
+        return {k: v for k, v in msg.body.items() if k != "ok"}  # validated by _dispatch
+
+    def _wait_on_socket(self, conn: _Conn, fut: asyncio.Future[Message], limit: float) -> None:
+        """Read `conn` synchronously until `fut` has its reply, the connection drops, or
+        `limit` seconds pass. Whatever else arrives meanwhile is dispatched as usual."""
+        deadline = time.monotonic() + limit
+        poller = select.poll()
+        poller.register(conn.sock.fileno(), select.POLLIN)
+        while not fut.done() and conn.closed is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if poller.poll(left * 1e3):
+                self._readable(conn)
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -819,7 +897,17 @@ class ApplicationAdapter:
         return None
 
     async def suspend(self, session: ServiceSession) -> None:
-        session.app_state = await self.server.suspend(_app(session), session.session_id)
+        await (await self.start_suspend(session))
+
+    async def start_suspend(self, session: ServiceSession) -> Awaitable[None]:
+        """Suspend, split: the request goes out now, the awaitable waits for the state (so
+        the RM can isolate the session while the application parks)."""
+        answer = await self.server.start_suspend(_app(session), session.session_id)
+
+        async def parked() -> None:
+            session.app_state = await answer
+
+        return parked()
 
     async def get_state(self, session: ServiceSession, doc: ExchangeDoc) -> None:
 
@@ -848,6 +936,11 @@ class ApplicationAdapter:
 
     async def resume(self, session: ServiceSession, role: Role) -> None:
         await self.server.resume(_app(session), session.session_id)
+
+    async def start_resume(self, session: ServiceSession) -> Awaitable[None]:
+        """Resume, split: the request goes out now; the awaitable ends with the application's
+        acknowledgement (the importing RM does not hold its reply for it)."""
+        return await self.server.start_resume(_app(session), session.session_id)
 
     async def do_postsignaling(self, session: ServiceSession, role: Role) -> None:
         return None

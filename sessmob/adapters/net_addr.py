@@ -11,6 +11,7 @@ peer switches at once. Every netlink message and frame is prepared before the fr
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 from dataclasses import dataclass
@@ -225,7 +226,9 @@ async def sharing_sockets(session: ServiceSession) -> list[str]:
     return found
 
 
+@functools.lru_cache(maxsize=1024)
 def _parse(text: str) -> SessionAddress:
+    """Cached: SetState (inside the freeze window) finds the addresses its reservation parsed."""
     try:
         iface = ipaddress.ip_interface(text)
     except ValueError as e:

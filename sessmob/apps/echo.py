@@ -640,8 +640,9 @@ class EchoServer:
                 es.add(f)
         with self._lock:
             self.sessions[session_id] = es
-        _log.info("session %s imported with %d flow(s); waiting for resume", session_id,
-                  len(flows))  # fmt: skip
+        # Logged at debug level only: this runs inside the migration's freeze window.
+        _log.debug("session %s imported with %d flow(s); waiting for resume", session_id,
+                   len(flows))  # fmt: skip
 
     def _on_resume(self, session_id: str) -> None:
         es = self._session(session_id)

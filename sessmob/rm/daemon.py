@@ -23,7 +23,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +32,7 @@ from sessmob.adapters.base import Adapter, Refused, Role, TransferOffer
 from sessmob.adapters.net_addr import NetAddrAdapter
 from sessmob.adapters.tcp import TcpAdapter
 from sessmob.adapters.udp import UdpAdapter
-from sessmob.exchange import ExchangeDoc, Limits, decode, encode
+from sessmob.exchange import AppState, ExchangeDoc, FlowState, Limits, decode, encode, validate
 from sessmob.rm.config import Config, ConfigError, load
 from sessmob.rm.control import ControlServer, MoveError
 from sessmob.rm.peer import ABORT, PeerClient, PeerError, Reservation, serve_peers
@@ -240,6 +240,7 @@ class RelocationManager:
         try:
             peer = await tl.run(step, self._peer(device))
             step = "GetResources"
+            self._check_exportable(s)
             offer = TransferOffer(s.session_id, s.session_type, self.cfg.device)
             for a in self._adapters():
                 offer.resources[a.name] = await a.get_resources(s)
@@ -282,18 +283,44 @@ class RelocationManager:
         log.info("session %s moved to %s: t_Mig %.3f ms", s.session_id, device, tl.t_mig_ms)
         return out
 
-    def _fault(self, point: str) -> None:
+    def _check_exportable(self, s: ServiceSession) -> None:
+        """The exchange document's fixed parts (ids, names, addresses), validated before the
+        freeze: the export inside the window then only adds what it dumped."""
+        skeleton = ExchangeDoc(
+            session_id=s.session_id,
+            session_type=s.session_type,
+            source=self.cfg.device,
+            addresses=[str(a) for a in s.addresses],
+            apps=[AppState(s.session_type, b"")],
+        )
+        validate(skeleton, self.limits)
+
+    def _fault(self, side: str, adapter: Adapter, primitive: str) -> None:
         """Fault injection for the failure-path tests ([faults] in the config)."""
-        if point in self.cfg.faults:
-            raise RuntimeError(f"injected fault at {point}")
+        if self.cfg.faults and f"{side}:{adapter.name}.{primitive}" in self.cfg.faults:
+            raise RuntimeError(f"injected fault at {side}:{adapter.name}.{primitive}")
 
     async def _suspend(self, s: ServiceSession, reached: list[Adapter]) -> None:
-        # Application first (it stops touching the sockets), then isolation (address gone),
-        # then the freeze: a socket in repair mode still ACKs what arrives. `reached` gets
-        # every adapter whose suspend was entered (a failed one may have half-happened).
-        order: list[Adapter] = [self.app, self.net, *self.transports]
-        for a in order:
-            self._fault(f"export:{a.name}.suspend")
+        # The application is asked first and, while it parks, the address leaves (isolation:
+        # nothing arrives any more, and the output guard keeps what the application still
+        # writes from going out — it stays queued in the socket). The sockets freeze once the
+        # application has answered: a socket in repair mode still ACKs what arrives, so
+        # isolation comes first. `reached` gets every adapter whose suspend was entered (a
+        # failed one may have half-happened).
+        self._fault("export", self.app, "suspend")
+        reached.append(self.app)
+        parked = await self.app.start_suspend(s)
+        try:
+            self._fault("export", self.net, "suspend")
+            reached.append(self.net)
+            await self.net.suspend(s)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await parked  # let the application finish parking before it is resumed
+            raise
+        await parked
+        for a in self._carrying(s.flows):
+            self._fault("export", a, "suspend")
             reached.append(a)
             await a.suspend(s)
 
@@ -301,10 +328,12 @@ class RelocationManager:
         doc = ExchangeDoc(
             session_id=s.session_id, session_type=s.session_type, source=self.cfg.device
         )
-        for a in (self.net, *self.transports, self.app):
-            self._fault(f"export:{a.name}.get_state")
+        for a in (self.net, *self._carrying(s.flows), self.app):
+            self._fault("export", a, "get_state")
             await a.get_state(s, doc)
-        return encode(doc)
+        # Checked before the freeze (_check_exportable) or dumped by our own helper; ID
+        # validates the whole document anyway.
+        return encode(doc, limits=self.limits, validate=False)
 
     async def _undo_export(
         self,
@@ -331,6 +360,12 @@ class RelocationManager:
         for a in (self.net, *self.transports, self.app):
             if a in reached:
                 await a.resume(s, Role.EXPORT)
+
+    def _carrying(self, flows: Iterable[Flow | FlowState]) -> list[Adapter]:
+        """The transport adapters with flows among `flows`: the others have nothing to do
+        inside the freeze window and are not called there."""
+        kinds = {f.kind for f in flows}
+        return [a for a in self.transports if a.name in kinds]
 
     def _adapters(self) -> list[Adapter]:
         return [self.app, self.net, *self.transports]
@@ -389,9 +424,9 @@ class RelocationManager:
         t = time.perf_counter()
         # Address first (restored sockets bind to it), the application last (it gets the
         # restored sockets and the state, but uses them only after activation).
-        for a in (self.net, *self.transports, self.app):
+        for a in (self.net, *self._carrying(doc.flows), self.app):
             inc.done.append(a)
-            self._fault(f"import:{a.name}.set_state")
+            self._fault("import", a, "set_state")
             t_a = time.perf_counter()
             await a.set_state(s, doc)
             inc.parts[f"set_state_{a.name}_ms"] = round((time.perf_counter() - t_a) * 1e3, 3)
@@ -406,7 +441,7 @@ class RelocationManager:
         t = time.perf_counter()
         try:
             for a in (self.net, self.tcp):
-                self._fault(f"import:{a.name}.resume")
+                self._fault("import", a, "resume")
                 await a.resume(s, Role.IMPORT)
         except Exception:
             await self._discard(reservation_id)
@@ -416,7 +451,8 @@ class RelocationManager:
         inc.expiry.cancel()
         times["activate_ms"] = round((time.perf_counter() - t) * 1e3, 3)
         errors = []
-        post = [(a.name, a.resume(s, Role.IMPORT)) for a in self.transports if a is not self.tcp]
+        carrying = self._carrying(s.flows)
+        post = [(a.name, a.resume(s, Role.IMPORT)) for a in carrying if a is not self.tcp]
         post.append(("announce", self.net.do_postsignaling(s, Role.IMPORT)))
         for name, work in post:
             try:
@@ -426,10 +462,15 @@ class RelocationManager:
                 log.error("session %s after activation, %s: %s", s.session_id, name, e)
         # The application's resume goes out now; its acknowledgement is not waited for
         # before replying (it changes nothing: the session runs here either way).
-        resumed = asyncio.ensure_future(self.app.resume(s, Role.IMPORT))
-        self._background.add(resumed)  # keep it alive until done
-        resumed.add_done_callback(lambda f: self._after_resume(s, f))
-        await asyncio.sleep(0)  # let it write its frame before our reply goes out
+        try:
+            acknowledged = await self.app.start_resume(s)
+        except Exception as e:
+            errors.append(f"application resume: {_reason(e)}")
+            log.error("session %s after activation, application resume: %s", s.session_id, e)
+        else:
+            resumed = asyncio.ensure_future(acknowledged)
+            self._background.add(resumed)  # keep it alive until done
+            resumed.add_done_callback(lambda f: self._after_resume(s, f))
         times["postsignaling_ms"] = round((time.perf_counter() - t) * 1e3, 3)
         s.state = SessionState.ACTIVE
         self.sessions[s.session_id] = s

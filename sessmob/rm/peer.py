@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -39,6 +40,7 @@ from sessmob.rm.wire import WireError, field
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
+SOCKET_WAIT = 0.05  # seconds a call inside the freeze window waits on the socket, loop held
 
 CHECK = "CheckPreconditions"
 TRANSFER = "InitiateSessionTransfer"
@@ -190,14 +192,18 @@ class PeerClient:
     ) -> None:
         """Hand ID the exchange document; returns once SetState succeeded on every adapter."""
         req = {"t": "transfer", "rid": reservation_id, "p": bytes(document)}
-        await self._call(TRANSFER, req, "done", timeout)
+        await self._call(TRANSFER, req, "done", timeout, wait_on_socket=True)
 
     async def activate_session(
         self, reservation_id: str, *, timeout: float | None = None
     ) -> dict[str, float]:
         """Commit: ID resumes the session. Returns ID-side timings in ms."""
         reply = await self._call(
-            ACTIVATE, {"t": "activate", "rid": reservation_id}, "activated", timeout
+            ACTIVATE,
+            {"t": "activate", "rid": reservation_id},
+            "activated",
+            timeout,
+            wait_on_socket=True,
         )
         return await self._timings(reply)
 
@@ -210,7 +216,7 @@ class PeerClient:
         Saves one round trip inside the freeze window when ED has nothing to do in between.
         """
         req = {"t": "transfer", "rid": reservation_id, "p": bytes(document), "go": True}
-        reply = await self._call(TRANSFER, req, "activated", timeout)
+        reply = await self._call(TRANSFER, req, "activated", timeout, wait_on_socket=True)
         return await self._timings(reply)
 
     async def abort(
@@ -238,7 +244,13 @@ class PeerClient:
     # -- internals --
 
     async def _call(
-        self, step: str, req: dict[str, Any], expect: str, timeout: float | None
+        self,
+        step: str,
+        req: dict[str, Any],
+        expect: str,
+        timeout: float | None,
+        *,
+        wait_on_socket: bool = False,
     ) -> dict[str, Any]:
         if self._closed_reason is not None:
             raise PeerLost(step, self._closed_reason)
@@ -256,7 +268,9 @@ class PeerClient:
                     raise PeerLost(step, f"send failed: {e}") from e
                 except WireError as e:  # our own message cannot be encoded: nothing was sent
                     raise WireError(f"{step}: {e}") from e
-                reply = await fut
+                if wait_on_socket:
+                    self._wait_on_socket(fut, min(limit, SOCKET_WAIT))
+                reply = fut.result() if fut.done() else await fut
         except TimeoutError:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 reply = fut.result()  # arrived on the deadline: use it
@@ -314,17 +328,10 @@ class PeerClient:
         try:
             while True:
                 msg = await self.channel.recv()
-                t = msg["t"]
-                if t not in REPLIES:
-                    raise ProtocolViolation(f"unexpected message type {t!r}")
-                if msg["id"] == 0 and t == "error":
-                    reason = f"peer closed the channel: {msg.get('reason')!s}"
+                closing = self._deliver(msg)
+                if closing is not None:
+                    reason = closing
                     return
-                fut = self._pending.get(msg["id"])
-                if fut is None or fut.done():
-                    log.info("dropping late %r reply to request %d", t, msg["id"])
-                    continue
-                fut.set_result(msg)
         except WireError as e:
             reason = f"protocol violation by peer: {e}"
             log.warning("R channel %r closed: %s", self.channel, reason)
@@ -334,6 +341,47 @@ class PeerClient:
             self._fail_pending(reason)
             with contextlib.suppress(Exception):
                 await self.channel.close()
+
+    def _deliver(self, msg: dict[str, Any]) -> str | None:
+        """Hand a reply to its caller; returns the reason if the peer closes the channel."""
+        t = msg["t"]
+        if t not in REPLIES:
+            raise ProtocolViolation(f"unexpected message type {t!r}")
+        if msg["id"] == 0 and t == "error":
+            return f"peer closed the channel: {msg.get('reason')!s}"
+        fut = self._pending.get(msg["id"])
+        if fut is None or fut.done():
+            log.info("dropping late %r reply to request %d", t, msg["id"])
+        else:
+            fut.set_result(msg)
+        return None
+
+    def _wait_on_socket(self, fut: asyncio.Future[dict[str, Any]], limit: float) -> None:
+        """Read replies straight off the channel until `fut` has its own or `limit` seconds
+        pass (the loop is held meanwhile). A channel that fails to read is left to the reader
+        task, which meets the same error on its next read; a reply that ends the channel
+        ends it here, as the reader would."""
+        recv_now = getattr(self.channel, "recv_now", None)
+        if recv_now is None:
+            return
+        deadline = time.monotonic() + limit
+        while not fut.done():
+            left = deadline - time.monotonic()
+            try:
+                msg = recv_now(left) if left > 0 else None
+            except (WireError, OSError):
+                return
+            if msg is None:
+                return
+            try:
+                closing = self._deliver(msg)
+            except ProtocolViolation as e:
+                closing = f"protocol violation by peer: {e}"
+                log.warning("R channel %r closed: %s", self.channel, closing)
+            if closing is not None:
+                self._fail_pending(closing)
+                self._reader.cancel()  # its cleanup closes the channel
+                return
 
 
 class _Lost(Exception):

@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import select
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from sessmob.rm.wire import MAX_FRAME, encode_frame, read_frame
+from sessmob.rm.wire import HEADER_LEN, MAX_FRAME, WireError, decode_frame, encode_frame, read_frame
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,141 @@ class PlainChannel:
         return f"<PlainChannel {self.peer_address}{' closed' if self._closed else ''}>"
 
 
+class SocketChannel:
+    """A Channel over a connected non-blocking TCP socket, without asyncio streams.
+
+    Besides `recv`, it offers `recv_now(timeout)`: read the next frame synchronously, holding
+    the event loop. The exporting RM uses it to wait for the importing RM's answer inside the
+    freeze window, where a trip through the loop (reader callback, future, task step) costs
+    more than the wait itself. Both read the same buffer, so they can be mixed freely.
+    """
+
+    def __init__(self, sock: socket.socket, *, max_frame: int = MAX_FRAME) -> None:
+        self.peer_name: str | None = None
+        self._sock = sock
+        self._max_frame = max_frame
+        self._loop = asyncio.get_running_loop()
+        self._buf = bytearray()
+        self._eof = False
+        self._closed = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._poll = select.poll()
+        self._poll.register(sock.fileno(), select.POLLIN)
+        self.peer_address: str = _fmt_addr(sock.getpeername())
+
+    async def send(self, msg: dict[str, Any]) -> None:
+        if self._closed:
+            raise ConnectionError(f"channel to {self.peer_address} is closed")
+        view = memoryview(encode_frame(msg))
+        while view:
+            try:
+                n = self._sock.send(view)
+            except (BlockingIOError, InterruptedError):
+                await self._ready(writable=True)
+                continue
+            except OSError as e:
+                raise ConnectionError(f"channel to {self.peer_address}: {e}") from e
+            view = view[n:]
+
+    async def recv(self) -> dict[str, Any]:
+        while True:
+            msg = self._frame()
+            if msg is not None:
+                return msg
+            await self._ready(writable=False)
+            self._fill()
+
+    def recv_now(self, timeout: float) -> dict[str, Any] | None:
+        """The next frame if one arrives within `timeout` seconds, else None (loop held)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self._frame()
+            if msg is not None:
+                return msg
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._poll.poll(left * 1e3):
+                return None
+            self._fill()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        fd = self._sock.fileno()
+        self._loop.remove_reader(fd)
+        self._loop.remove_writer(fd)
+        self._wake()
+        self._sock.close()
+
+    def _frame(self) -> dict[str, Any] | None:
+        """A whole frame from the buffer; None if more bytes are needed."""
+        if self._closed:
+            raise ConnectionError(f"channel to {self.peer_address} is closed")
+        buf = self._buf
+        if len(buf) >= HEADER_LEN:
+            size = int.from_bytes(buf[:HEADER_LEN], "big")
+            if size > self._max_frame:
+                raise WireError(
+                    f"frame of {size} bytes announced, over the {self._max_frame}-byte limit"
+                )
+            if size == 0:
+                raise WireError("empty frame")
+            end = HEADER_LEN + size
+            if len(buf) >= end:
+                msg = decode_frame(bytes(buf[HEADER_LEN:end]))
+                del buf[:end]  # only now: a bad frame stays, every later read meets it too
+                return msg
+        if self._eof:
+            if not buf:
+                raise ConnectionError("connection closed by peer")
+            if len(buf) < HEADER_LEN:
+                raise WireError(f"truncated frame header ({len(buf)} of {HEADER_LEN} bytes)")
+            raise WireError(f"truncated frame ({len(buf) - HEADER_LEN} bytes of it received)")
+        return None
+
+    def _fill(self) -> None:
+        """One non-blocking read into the buffer (nothing there yet is not an error)."""
+        if self._closed:
+            raise ConnectionError(f"channel to {self.peer_address} is closed")
+        try:
+            data = self._sock.recv(_RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            raise ConnectionError(f"channel to {self.peer_address}: {e}") from e
+        if data:
+            self._buf += data
+        else:
+            self._eof = True
+
+    async def _ready(self, *, writable: bool) -> None:
+        fd = self._sock.fileno()
+        fut = self._loop.create_future()
+        self._waiter = fut
+        add, remove = (
+            (self._loop.add_writer, self._loop.remove_writer)
+            if writable
+            else (self._loop.add_reader, self._loop.remove_reader)
+        )
+        add(fd, self._wake)
+        try:
+            await fut
+        finally:
+            self._waiter = None
+            if not self._closed:
+                remove(fd)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def __repr__(self) -> str:
+        return f"<SocketChannel {self.peer_address}{' closed' if self._closed else ''}>"
+
+
+_RECV_SIZE = 256 * 1024
+
+
 def _fmt_addr(addr: Any) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
         host, port = addr[0], addr[1]
@@ -118,13 +255,22 @@ class PlainTransport:
         self.max_frame = max_frame
         self.source = source
 
-    async def connect(self, host: str, port: int, *, timeout: float) -> PlainChannel:
-        local = (self.source, 0) if self.source else None
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, local_addr=local), timeout
-        )
-        _nodelay(writer)
-        return PlainChannel(reader, writer, max_frame=self.max_frame)
+    async def connect(self, host: str, port: int, *, timeout: float) -> SocketChannel:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.setblocking(False)
+            # Requests inside the freeze window are tiny and latency-bound: no Nagle.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.source:
+                sock.bind((self.source, 0))
+            await asyncio.wait_for(loop.sock_connect(sock, addr), timeout)
+            return SocketChannel(sock, max_frame=self.max_frame)
+        except BaseException:
+            sock.close()
+            raise
 
     async def serve(
         self, host: str, port: int, on_channel: Callable[[Channel], Awaitable[None]]
