@@ -37,6 +37,7 @@ class RmBed(Closing):
     importers: dict[str, dict[str, Any]] = field(default_factory=dict)  # device -> [importers]
     extra: dict[str, str] = field(default_factory=dict)  # device -> TOML appended to its config
     limits: dict[str, dict[str, float]] = field(default_factory=dict)  # device -> [limits]
+    adapters: dict[str, list[str]] = field(default_factory=dict)  # device -> enabled adapters
     root: str = ""
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     apps: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -58,8 +59,10 @@ class RmBed(Closing):
     def config_text(self, dev: str) -> str:
         hosts = self.tb.hosts
         other = "id" if dev == "ed" else "ed"
-        lines = [
-            f'device = "{dev}"',
+        lines = [f'device = "{dev}"']
+        if dev in self.adapters:
+            lines.append("adapters = [" + ", ".join(f'"{a}"' for a in self.adapters[dev]) + "]")
+        lines += [
             "[r]",
             f'listen = "{hosts[dev].addr6}"',
             f"port = {R_PORT}",

@@ -439,10 +439,12 @@ class EchoServer:
         create_session: bool = True,
         name: str = "echo",
         timeout: float = 2.0,
+        udp: bool = True,
     ) -> None:
         self.rm_socket = rm_socket
         self.port = port
         self.create = create_session
+        self.udp = udp
         self.name = name
         self.timeout = timeout
         self.kit: AppKit | None = None
@@ -480,7 +482,8 @@ class EchoServer:
                 self.session = self.kit.create_session(SESSION_TYPE)
                 es = self._new_session(self.session.session_id)
                 es.start()
-                self._add_udp(self.session, es)
+                if self.udp:
+                    self._add_udp(self.session, es)
             self.local.start()
             self._spawn(self._worker, "echo-kit")
             if self._listener is not None:
@@ -877,6 +880,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP and UDP port (7000)")
     s.add_argument("--import-only", action="store_true",
                    help="create no session; only take over sessions moved here")  # fmt: skip
+    s.add_argument("--no-udp", action="store_true",
+                   help="echo TCP only (for an RM whose udp adapter is disabled)")  # fmt: skip
     s.add_argument("--name", default="echo", help="application name shown by the RM")
     s.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the RM")
     s.add_argument("--json", action="store_true", help="print the ready line as JSON")
@@ -923,7 +928,7 @@ def _serve(args: argparse.Namespace) -> int:
     restore = _until_signal(stop)
     srv = EchoServer(
         args.rm_socket, args.port, create_session=not args.import_only, name=args.name,
-        timeout=args.timeout,
+        timeout=args.timeout, udp=not args.no_udp,
     )  # fmt: skip
     try:
         srv.start()

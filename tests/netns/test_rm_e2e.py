@@ -108,6 +108,41 @@ def test_three_tcp_and_one_udp_flow_move(bed: RmBed) -> None:
     assert udp["received"] > 0 and udp["corrupt"] == 0 and udp["duplicates"] == 0
 
 
+def test_rms_without_the_udp_adapter_move_a_tcp_session(fresh_lan: Testbed) -> None:
+    """`adapters` without udp: TCP sessions move as before; a UDP flow is refused when the
+    application registers it, with the reason (not at move time)."""
+    tcp_only = ["application", "net_addr", "tcp"]
+    with RmBed(fresh_lan, adapters={"ed": tcp_only, "id": tcp_only}) as bed:
+        refused = bed.start_app(
+            "ed",
+            [PY, "-m", "sessmob.apps.echo", "serve", "--port", "7001",
+             "--rm-socket", f"{bed.state_dir('ed')}/app.sock"],
+        )  # fmt: skip
+        assert refused.wait(30) == 1
+        assert "udp adapter is not enabled" in RmBed.stderr_of(refused)
+        for dev, extra in (("ed", []), ("id", ["--import-only"])):
+            argv = [PY, "-m", "sessmob.apps.echo", "serve", "--no-udp",
+                    "--rm-socket", f"{bed.state_dir(dev)}/app.sock", *extra]  # fmt: skip
+            bed.start_importer(dev, argv)
+        s = bed.wait_session("ed")
+        c = client(bed, s["addresses"][0].split("/")[0], "--duration", "20", "--rate", "1000000")
+        deadline = time.monotonic() + 10
+        while not bed.sessions("ed")[0]["flows"]:
+            assert time.monotonic() < deadline, "the client's flow never joined the session"
+            time.sleep(0.05)
+        where = "ed"
+        for _ in range(6):
+            to = "id" if where == "ed" else "ed"
+            r = bed.move(where, s["session"], to)
+            assert "set_state_udp_ms" not in r["importer_steps"], r["importer_steps"]
+            where = to
+            time.sleep(0.05)
+        c.terminate()
+        rep = report(c)
+        assert rep["ok"], rep
+        assert rep["tx_bytes"] == rep["rx_bytes"] > 0
+
+
 def test_importer_missing_refuses_and_session_keeps_running(bed: RmBed) -> None:
     echo_serve(bed, "ed")  # no importer on id, none configured
     s = bed.wait_session("ed")

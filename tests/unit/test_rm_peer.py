@@ -491,6 +491,44 @@ def test_a_malformed_reply_frame_fails_the_pending_call() -> None:
     asyncio.run(asyncio.wait_for(main(), 10))
 
 
+@pytest.mark.parametrize(
+    ("answer", "match"),
+    [
+        ({"t": "error", "id": 0, "step": "R", "reason": "bye"}, "peer closed the channel: bye"),
+        ({"t": "hello", "id": 1}, "protocol violation"),
+        (None, "protocol violation"),  # a malformed frame
+    ],
+)
+def test_trouble_met_while_waiting_on_the_socket_fails_the_call_at_once(
+    answer: dict[str, Any] | None, match: str
+) -> None:
+    """Inside the freeze window the transfer's reply is read off the socket (no loop trip);
+    a reply there that ends the channel must fail the call then, not at its timeout."""
+
+    async def closer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_frame(reader)
+        frame = struct.pack(">I", 3) + b"\xc1\xc1\xc1" if answer is None else encode_frame(answer)
+        writer.write(frame)
+        await writer.drain()
+        await reader.read()
+
+    async def main() -> None:
+        server = await asyncio.start_server(closer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            peer = await client(port, call_timeout=30)
+            t0 = time.monotonic()
+            with pytest.raises(PeerLost, match=match):
+                await peer.transfer_and_activate("r1", b"doc")
+            assert time.monotonic() - t0 < 1.0
+            await until(lambda: peer.closed, "the client channel to close")
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+
+
 # -- hostile bytes -----------------------------------------------------------------------------
 
 GOOD_OFFER = {"session_id": "s", "session_type": "echo", "source": "ed", "resources": {}}
