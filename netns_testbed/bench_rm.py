@@ -76,14 +76,6 @@ def _connect_client(tb: Testbed, addr: str, rate: float) -> StreamEndpoint:
     return ep
 
 
-def _wait_flow(bed: RmBed, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not any(s.get("flows") for s in bed.sessions("ed")):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the client's flow never joined the session:\n{bed.log('ed')}")
-        time.sleep(0.02)
-
-
 def _wait_progress(ep: StreamEndpoint, nbytes: int, timeout: float = 5.0) -> None:
     start = ep.stats.rx_bytes
     deadline = time.monotonic() + timeout
@@ -112,7 +104,7 @@ def run_rm_echo(
         before = _cn_counters(tb)
         ep = _connect_client(tb, addr, rate)
         try:
-            _wait_flow(bed)
+            bed.wait_flows("ed", "tcp")
             _wait_progress(ep, 64 * 1024)
             for _ in range(min(20, runs)):
                 ep.mark()

@@ -57,12 +57,11 @@ def rm_demo(moves: int, rate_mb: float) -> int:
             [py, "-m", "sessmob.apps.echo", "client", "--connect", addr, "7000", "--json",
              "--rate", str(int(rate_mb * 1e6)), "--tcp", "1"],
         )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while not bed.sessions("ed")[0]["flows"]:
-            if time.monotonic() > deadline:
-                print("demo: the client's connection never joined the session", file=sys.stderr)
-                return 1
-            time.sleep(0.05)
+        try:
+            bed.wait_flows("ed", "tcp")
+        except TimeoutError as e:
+            print(f"demo: the client's connection never joined the session: {e}", file=sys.stderr)
+            return 1
         time.sleep(0.5)
         print(f"session {sid} on {addr}, client sending {rate_mb:g} MB/s and checking the echo\n")
         print("per-step time in ms (t_Mig = Suspend .. the importer's activation reply)")

@@ -177,6 +177,22 @@ class RmBed(Closing):
             time.sleep(0.05)
         raise TimeoutError(f"no session appeared on {dev}:\n{self.log(dev)}")
 
+    def wait_flows(self, dev: str, kind: str, n: int = 1, timeout: float = 10.0) -> None:
+        """Until the (first) session on `dev` has `n` flows of `kind` ("tcp" / "udp"): a
+        client's connections join it a moment after they are accepted. (The echo server's
+        own UDP flow is there from the start, so counting all flows would not do.)"""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.sessions(dev)
+            have = sum(f["kind"] == kind for f in found[0]["flows"]) if found else 0
+            if have >= n:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{have} of {n} {kind} flows joined the session on {dev}:\n{self.log(dev)}"
+                )
+            time.sleep(0.02)
+
     def move(self, dev: str, session: str, to: str) -> dict[str, Any]:
         return self.control(dev).request("session.move", session=session, device=to)
 

@@ -62,6 +62,7 @@ from sessmob.appproto import (
     send_frame,
 )
 from sessmob.closing import Closing
+from sessmob.hotpath import gc_paused
 
 __all__ = [
     "AppKit",
@@ -393,7 +394,8 @@ class AppKit(Closing):
 
     def _serve(self, msg: Message) -> None:
         try:
-            result = self._handle(msg)
+            with gc_paused():  # suspend, import and resume run inside the freeze window
+                result = self._handle(msg)
         except Exception as e:
             msg.close_fds()
             _log.warning("%s: %s of session %s failed: %s", self.name, msg.op,

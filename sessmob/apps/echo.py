@@ -45,6 +45,7 @@ from typing import Any
 import msgpack
 
 from sessmob.appkit import AppKit, AppKitError, ImportedFlow, SessionHandle
+from sessmob.hotpath import settle
 
 SESSION_TYPE = "echo"
 DEFAULT_PORT = 7000
@@ -936,6 +937,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"echo serve: {e}", file=sys.stderr)
         restore()
         return 1
+    settle()  # start-up garbage out of the collector's way (see sessmob.hotpath)
     info = srv.ready_info()
     if args.json:
         print(json.dumps(info), flush=True)

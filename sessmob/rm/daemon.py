@@ -33,6 +33,7 @@ from sessmob.adapters.net_addr import NetAddrAdapter
 from sessmob.adapters.tcp import TcpAdapter
 from sessmob.adapters.udp import UdpAdapter
 from sessmob.exchange import AppState, ExchangeDoc, FlowState, Limits, decode, encode, validate
+from sessmob.hotpath import gc_paused, settle
 from sessmob.rm.config import Config, ConfigError, load
 from sessmob.rm.control import ControlServer, MoveError
 from sessmob.rm.peer import ABORT, PeerClient, PeerError, Reservation, serve_peers
@@ -259,21 +260,22 @@ class RelocationManager:
         # ---- the freeze window: t_Mig ----
         t0 = time.perf_counter()
         reached: list[Adapter] = []
-        try:
-            step = "Suspend"
-            await tl.run(step, self._suspend(s, reached))
-            step = "GetState"
-            doc = await tl.run(step, self._export(s))
-            # InitiateSessionTransfer and ActivateSession in one round trip: ID activates
-            # only if SetState succeeded on every adapter.
-            step = "InitiateSessionTransfer+ActivateSession"
-            remote = await tl.run(step, peer.transfer_and_activate(res.reservation_id, doc))
-        except Exception as e:
-            reason = _reason(e)
-            await self._undo_export(s, peer, res, step, reason, reached)
+        with gc_paused():
+            try:
+                step = "Suspend"
+                await tl.run(step, self._suspend(s, reached))
+                step = "GetState"
+                doc = await tl.run(step, self._export(s))
+                # InitiateSessionTransfer and ActivateSession in one round trip: ID activates
+                # only if SetState succeeded on every adapter.
+                step = "InitiateSessionTransfer+ActivateSession"
+                remote = await tl.run(step, peer.transfer_and_activate(res.reservation_id, doc))
+            except Exception as e:
+                reason = _reason(e)
+                await self._undo_export(s, peer, res, step, reason, reached)
+                tl.t_mig_ms = round((time.perf_counter() - t0) * 1e3, 3)
+                raise MoveError(step, reason, tl.as_dict(s.session_id, device)) from e
             tl.t_mig_ms = round((time.perf_counter() - t0) * 1e3, 3)
-            raise MoveError(step, reason, tl.as_dict(s.session_id, device)) from e
-        tl.t_mig_ms = round((time.perf_counter() - t0) * 1e3, 3)
         # ---- committed: the session runs on `device` ----
         await tl.run("Shutdown", self._each("shutdown", s, Role.EXPORT, reverse=False))
         s.state = SessionState.GONE
@@ -530,6 +532,7 @@ async def _run(cfg: Config) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await rm.start()
+    settle()
     try:
         await stop.wait()
     finally:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sessmob.adapters.base import Refused, TransferOffer
+from sessmob.hotpath import gc_paused
 from sessmob.rm.transport import Channel, Transport
 from sessmob.rm.wire import WireError, field
 
@@ -542,13 +543,15 @@ class _PeerSession:
             return _error(req_id, step, f"reservation {rid} is already {entry.state}")
         try:
             if t == "transfer":
-                await self.handler.initiate_transfer(rid, doc)
-                if not go:
-                    return {"t": "done", "id": req_id}
-                step = ACTIVATE
-                return await self._activate(entry, rid, req_id)
+                with gc_paused():  # inside the freeze window
+                    await self.handler.initiate_transfer(rid, doc)
+                    if not go:
+                        return {"t": "done", "id": req_id}
+                    step = ACTIVATE
+                    return await self._activate(entry, rid, req_id)
             if t == "activate":
-                return await self._activate(entry, rid, req_id)
+                with gc_paused():
+                    return await self._activate(entry, rid, req_id)
             await self.handler.abort(rid, reason)
             entry.state = ABORTED
             return {"t": "done", "id": req_id}

@@ -48,10 +48,7 @@ def _session(bed: RmBed) -> tuple[str, str, subprocess.Popen[bytes]]:
     s = bed.wait_session("ed")
     addr = s["addresses"][0].split("/")[0]
     c = client(bed, addr, "--duration", "4", "--tcp", "2", "--udp", "1", "--udp-pps", "100")
-    deadline = time.monotonic() + 10
-    while len(bed.sessions("ed")[0]["flows"]) < 3:
-        assert time.monotonic() < deadline, "the client's flows never joined the session"
-        time.sleep(0.05)
+    bed.wait_flows("ed", "tcp", 2)
     time.sleep(0.3)
     return s["session"], addr, c
 
