@@ -1723,7 +1723,8 @@ static void test_freeze_step_failures(void)
 
 /* ------------------------------------------------------------------------------------ */
 
-int main(void)
+/* With arguments, only the tests whose names contain one of them (e.g. "half_closed"). */
+int main(int argc, char **argv)
 {
 #define T(fn, netns) { #fn, fn, netns, 0, NULL, 0 }
 	struct test tests[] = {
@@ -1755,7 +1756,23 @@ int main(void)
 	};
 #undef T
 
+	size_t n = sizeof(tests) / sizeof(tests[0]);
+
+	if (argc > 1) {
+		size_t kept = 0;
+		for (size_t i = 0; i < n; i++)
+			for (int a = 1; a < argc; a++)
+				if (strstr(tests[i].name, argv[a])) {
+					tests[kept++] = tests[i];
+					break;
+				}
+		if (!kept) {
+			fprintf(stderr, "no test name contains any of the arguments\n");
+			return 2;
+		}
+		n = kept;
+	}
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	signal(SIGPIPE, SIG_IGN);
-	return run_all(tests, sizeof(tests) / sizeof(tests[0])) ? 1 : 0;
+	return run_all(tests, n) ? 1 : 0;
 }
