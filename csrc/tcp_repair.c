@@ -41,7 +41,7 @@ const char *tcpr_strerror(int code)
 	case TCPR_OK: return "ok";
 	case TCPR_E_NOT_SOCKET: return "not a socket";
 	case TCPR_E_NOT_TCP: return "not a TCP stream socket";
-	case TCPR_E_FAMILY: return "address family is neither AF_INET nor AF_INET6";
+	case TCPR_E_FAMILY: return "address family: not AF_INET or AF_INET6, or not the state's";
 	case TCPR_E_MPTCP: return "MPTCP sockets (protocol 262) cannot be repaired";
 	case TCPR_E_STATE: return "TCP state cannot be repaired";
 	case TCPR_E_REPAIR_ON: return "setsockopt(TCP_REPAIR, on)";
@@ -671,6 +671,35 @@ int tcpr_restore(const struct tcpr_state *st, const uint8_t *queues, int *fd_out
 	return restore_one(st, queues, fd_out, NULL);
 }
 
+static int restore_into_fd(int fd, const struct tcpr_state *st, const uint8_t *queues,
+			   struct fresh_defaults *d)
+{
+	int domain, rc = check_state(st);
+
+	if (rc) {
+		errno = EINVAL;
+		return rc;
+	}
+	if ((st->inq_len || st->outq_len) && !queues) {
+		errno = EINVAL;
+		return TCPR_E_INVALID;
+	}
+	/* One syscall: a socket of the other family would fail later, less clearly. A socket
+	 * that is not fresh fails at TCP_REPAIR (not TCP), bind or connect. */
+	if (get_int(fd, SOL_SOCKET, SO_DOMAIN, &domain) < 0)
+		return errno == ENOTSOCK || errno == EBADF ? TCPR_E_NOT_SOCKET : TCPR_E_SOCKOPT;
+	if (domain != (int)st->family) {
+		errno = EAFNOSUPPORT;
+		return TCPR_E_FAMILY;
+	}
+	return restore_into(fd, st, queues, d);
+}
+
+int tcpr_restore_into(int fd, const struct tcpr_state *st, const uint8_t *queues)
+{
+	return restore_into_fd(fd, st, queues, NULL);
+}
+
 static uint32_t csum_add(uint32_t sum, const void *data, size_t len)
 {
 	const uint8_t *p = data;
@@ -922,6 +951,16 @@ size_t tcpr_restore_many(const struct tcpr_state *const *states, const uint8_t *
 	struct fresh_defaults d = {0};
 	for (size_t i = 0; i < n; i++)
 		failed += note(restore_one(states[i], queues[i], &fds[i], &d), rcs, errs, i);
+	return failed;
+}
+
+size_t tcpr_restore_into_many(const int *fds, const struct tcpr_state *const *states,
+			      const uint8_t *const *queues, size_t n, int *rcs, int *errs)
+{
+	size_t failed = 0;
+	struct fresh_defaults d = {0};
+	for (size_t i = 0; i < n; i++)
+		failed += note(restore_into_fd(fds[i], states[i], queues[i], &d), rcs, errs, i);
 	return failed;
 }
 

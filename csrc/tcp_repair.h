@@ -74,7 +74,7 @@ enum tcpr_error {
 	TCPR_OK = 0,
 	TCPR_E_NOT_SOCKET = -1,  /* fd is not a socket */
 	TCPR_E_NOT_TCP = -2,     /* not a stream socket of IPPROTO_TCP */
-	TCPR_E_FAMILY = -3,      /* neither AF_INET nor AF_INET6 */
+	TCPR_E_FAMILY = -3,      /* neither AF_INET nor AF_INET6 (restore_into: not the state's) */
 	TCPR_E_MPTCP = -4,       /* MPTCP (protocol 262) cannot be repaired */
 	TCPR_E_STATE = -5,       /* TCP state cannot be repaired (LISTEN, TIME_WAIT, ...) */
 	TCPR_E_REPAIR_ON = -6,   /* setsockopt(TCP_REPAIR, 1) */
@@ -122,6 +122,11 @@ int tcpr_dump(int fd, struct tcpr_state *st, uint8_t **queues);
  * laid out as tcpr_dump returns them. The socket is left in repair mode; the never-sent
  * tail is NOT queued (pass it to tcpr_activate). On success *fd_out holds the new fd. */
 int tcpr_restore(const struct tcpr_state *st, const uint8_t *queues, int *fd_out);
+/* tcpr_restore into a socket the caller made — socket(st->family, SOCK_STREAM, 0), nothing
+ * else done to it — so that its descriptor can be handed out (e.g. to the importing
+ * application) before the state arrives. TCPR_E_FAMILY if the socket is of the other family.
+ * On failure the socket may be half-built in repair mode: release it (silent). */
+int tcpr_restore_into(int fd, const struct tcpr_state *st, const uint8_t *queues);
 
 /* Leave repair mode on a restored socket, then send the never-sent tail of the send queue
  * with ordinary sends (len may be 0). */
@@ -155,6 +160,9 @@ size_t tcpr_dump_many(const int *fds, size_t n, struct tcpr_state *states, uint8
 /* fds[i] is -1 where restore failed. */
 size_t tcpr_restore_many(const struct tcpr_state *const *states, const uint8_t *const *queues,
 			 size_t n, int *fds, int *rcs, int *errs);
+/* tcpr_restore_into for each fds[i]; fresh-socket defaults are read once per batch. */
+size_t tcpr_restore_into_many(const int *fds, const struct tcpr_state *const *states,
+			      const uint8_t *const *queues, size_t n, int *rcs, int *errs);
 size_t tcpr_release_many(const int *fds, size_t n, int *rcs, int *errs);
 /* tcpr_activate_ack for each socket; raw4/raw6 are the IPPROTO_RAW sockets per IP version.
  * A window ACK that could not be sent does not count as a failure (the socket is active). */

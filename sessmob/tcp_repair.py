@@ -59,6 +59,7 @@ __all__ = [
     "release",
     "release_many",
     "restore",
+    "restore_into_many",
     "restore_many",
     "resume",
 ]
@@ -261,12 +262,17 @@ def _native_state(snapshot: TcpSnapshot) -> Any:
 def _adopt(fd: int, snapshot: TcpSnapshot, st: Any) -> socket.socket:
     """Wrap a restored fd and remember what activate() will need."""
     sock = socket.socket(snapshot.family, socket.SOCK_STREAM, socket.IPPROTO_TCP, fileno=fd)
+    return _register(sock, snapshot, st)
+
+
+def _register(sock: socket.socket, snapshot: TcpSnapshot, st: Any) -> socket.socket:
+    """Remember what activate() will need of a restored socket."""
     if snapshot.flags & F_NONBLOCK:
         sock.setblocking(False)
     v4 = snapshot.family == socket.AF_INET or bool(snapshot.flags & F_V4MAPPED)
     with _restored_lock:
         unsent = snapshot.unsent if snapshot.unsent_len else _EMPTY
-        _restored[fd] = _Restored(weakref.ref(sock), (snapshot, st), unsent, v4)
+        _restored[sock.fileno()] = _Restored(weakref.ref(sock), (snapshot, st), unsent, v4)
     return sock
 
 
@@ -386,6 +392,39 @@ def restore_many(snapshots: list[TcpSnapshot]) -> list[socket.socket]:
     if errors:
         raise BatchError("restore", results)
     return results
+
+
+def restore_into_many(socks: list[socket.socket], snapshots: list[TcpSnapshot]) -> None:
+    """restore_many() into sockets the caller made — ``socket.socket(snapshot.family,
+    SOCK_STREAM)``, nothing else done to them — in one call into C.
+
+    Why: their descriptors can be handed out (to the importing application) before the state
+    arrives, so that inside the freeze window only the state travels. The sockets are then
+    what restore() returns (repair mode, silent, ready for activate()). On failures raises
+    BatchError whose `results` hold the socket where the restore succeeded and the error
+    where it did not; a failed one may be half-built in repair mode: release() them all to
+    roll back (silent)."""
+    n = len(socks)
+    if len(snapshots) != n:
+        raise ValueError(f"restore_into_many: {n} sockets for {len(snapshots)} snapshots")
+    states = [_native_state(s) for s in snapshots]
+    bufs = [ffi.from_buffer(s.queues) if len(s.queues) else ffi.NULL for s in snapshots]
+    fds = ffi.new("int[]", [_fileno(s) for s in socks])
+    out = _Outcome(n)
+    failed = lib.tcpr_restore_into_many(
+        fds,
+        ffi.new("struct tcpr_state *[]", states),
+        ffi.new("uint8_t *[]", bufs),
+        n,
+        out.rcs,
+        out.errs,
+    )
+    errors = out.errors("restore", lambda i: _flow(snapshots[i])) if failed else {}
+    results: list[Any] = [
+        errors[i] if i in errors else _register(socks[i], snapshots[i], states[i]) for i in range(n)
+    ]
+    if errors:
+        raise BatchError("restore", results)
 
 
 def activate_many(socks: list[FdLike], acks: AckSender | None = None) -> None:

@@ -967,7 +967,9 @@ static void activate_as(enum activation how, int n, const struct tcpr_state *st,
 	close(raw);
 }
 
-static void roundtrip(enum mode m, int a_is_server, enum activation how)
+/* into: restore into a socket made beforehand (tcpr_restore_into_many) instead of
+ * tcpr_restore making one. */
+static void roundtrip_(enum mode m, int a_is_server, enum activation how, int into)
 {
 	struct staged sg;
 	struct tcpr_state st;
@@ -1003,7 +1005,17 @@ static void roundtrip(enum mode m, int a_is_server, enum activation how)
 
 	/* Restore (the listener still holds a's port when a is the server: SK_FORCE_REUSE). */
 	nfds = count_fds();
-	CHECK_RC(tcpr_restore(&st, q, &n), TCPR_OK);
+	if (into) {
+		const struct tcpr_state *stp = &st;
+		const uint8_t *qp = q;
+		int rc = -1, err = 0;
+		n = socket(st.family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		REQUIRE(n >= 0);
+		CHECK(tcpr_restore_into_many(&n, &stp, &qp, 1, &rc, &err) == 0);
+		CHECK_RC(rc, TCPR_OK);
+	} else {
+		CHECK_RC(tcpr_restore(&st, q, &n), TCPR_OK);
+	}
 	REQUIRE(n >= 0);
 	CHECK(count_fds() == nfds + 1);
 	CHECK(is_frozen(n));
@@ -1032,6 +1044,11 @@ out:
 	close_pair(&sg.p);
 }
 
+static void roundtrip(enum mode m, int a_is_server, enum activation how)
+{
+	roundtrip_(m, a_is_server, how, 0);
+}
+
 static void test_roundtrip_ipv4_client(void) { roundtrip(V4, 0, PLAIN); }
 static void test_roundtrip_ipv6_client(void) { roundtrip(V6, 0, PLAIN); }
 static void test_roundtrip_v4mapped_client(void) { roundtrip(MAPPED, 0, PLAIN); }
@@ -1039,6 +1056,41 @@ static void test_roundtrip_v4mapped_client(void) { roundtrip(MAPPED, 0, PLAIN); 
 static void test_roundtrip_ipv4_server_activate_ack_lost(void) { roundtrip(V4, 1, ACK_FAILS); }
 static void test_roundtrip_ipv6_server_activate_ack(void) { roundtrip(V6, 1, WITH_ACK); }
 static void test_roundtrip_v4mapped_server_activate_ack(void) { roundtrip(MAPPED, 1, WITH_ACK); }
+static void test_roundtrip_ipv6_restore_into(void) { roundtrip_(V6, 0, WITH_ACK, 1); }
+static void test_roundtrip_v4mapped_server_restore_into(void) { roundtrip_(MAPPED, 1, WITH_ACK, 1); }
+
+/* restore_into refuses a socket of the other family and a non-socket, and touches neither. */
+static void test_restore_into_refusals(void)
+{
+	struct staged sg;
+	struct tcpr_state st;
+	uint8_t *q = NULL;
+	int v4, pipefd[2], nfds;
+
+	if (stage(&sg, V6, 0) < 0) {
+		CHECK(!"staging the connection");
+		close_pair(&sg.p);
+		return;
+	}
+	CHECK(drop_all(sg.p.a) == 0);
+	CHECK_RC(tcpr_freeze(sg.p.a), TCPR_OK);
+	st.size = sizeof(st);
+	CHECK_RC(tcpr_dump(sg.p.a, &st, &q), TCPR_OK);
+	v4 = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	REQUIRE(v4 >= 0 && pipe(pipefd) == 0);
+	nfds = count_fds();
+	CHECK_RC(tcpr_restore_into(v4, &st, q), TCPR_E_FAMILY);
+	CHECK(errno == EAFNOSUPPORT);
+	CHECK(!is_frozen(v4) && sock_port(v4) == 0);
+	CHECK_RC(tcpr_restore_into(pipefd[0], &st, q), TCPR_E_NOT_SOCKET);
+	CHECK(count_fds() == nfds);
+	CHECK_RC(tcpr_resume(sg.p.a), TCPR_OK); /* the original carries on */
+	free(q);
+	close(v4);
+	close(pipefd[0]);
+	close(pipefd[1]);
+	close_pair(&sg.p);
+}
 
 /* The failed-move path: freeze + dump, then resume on the same socket; nothing is lost. */
 static void test_resume_after_freeze_and_dump_loses_nothing(void)
@@ -1737,6 +1789,9 @@ int main(int argc, char **argv)
 		T(test_roundtrip_ipv4_server_activate_ack_lost, 1),
 		T(test_roundtrip_ipv6_server_activate_ack, 1),
 		T(test_roundtrip_v4mapped_server_activate_ack, 1),
+		T(test_roundtrip_ipv6_restore_into, 1),
+		T(test_roundtrip_v4mapped_server_restore_into, 1),
+		T(test_restore_into_refusals, 1),
 		T(test_resume_after_freeze_and_dump_loses_nothing, 1),
 		T(test_dump_of_unfrozen_socket_refused_socket_keeps_working, 1),
 		T(test_refuse_non_sockets, 0),

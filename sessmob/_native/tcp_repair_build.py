@@ -27,6 +27,7 @@ ffi.cdef(
     int tcpr_freeze(int fd);
     int tcpr_dump(int fd, struct tcpr_state *st, uint8_t **queues);
     int tcpr_restore(const struct tcpr_state *st, const uint8_t *queues, int *fd_out);
+    int tcpr_restore_into(int fd, const struct tcpr_state *st, const uint8_t *queues);
     int tcpr_activate(int fd, const uint8_t *unsent, size_t len);
     int tcpr_activate_ack(int fd, const struct tcpr_state *st, int raw_fd,
                           const uint8_t *unsent, size_t len);
@@ -36,6 +37,8 @@ ffi.cdef(
                           uint8_t **queues, int *rcs, int *errs);
     size_t tcpr_restore_many(const struct tcpr_state *const *states,
                              const uint8_t *const *queues, size_t n, int *fds, int *rcs, int *errs);
+    size_t tcpr_restore_into_many(const int *fds, const struct tcpr_state *const *states,
+                                  const uint8_t *const *queues, size_t n, int *rcs, int *errs);
     size_t tcpr_release_many(const int *fds, size_t n, int *rcs, int *errs);
     size_t tcpr_activate_many(const int *fds, const struct tcpr_state *const *states,
                               int raw4, int raw6, const uint8_t *const *unsent,

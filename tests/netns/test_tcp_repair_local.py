@@ -32,6 +32,7 @@ import pytest
 
 from sessmob import netns
 from sessmob.tcp_repair import (
+    BatchError,
     NotRepairable,
     SnapshotError,
     TcpRepairError,
@@ -41,6 +42,7 @@ from sessmob.tcp_repair import (
     freeze,
     release,
     restore,
+    restore_into_many,
     resume,
 )
 from sessmob.tcp_snapshot import F_NONBLOCK, F_V4MAPPED
@@ -410,6 +412,55 @@ def test_established_ipv4_ipv6_v4mapped_roundtrip(
     assert not is_frozen(new)
     continue_both_ways(st, new)
     assert_no_resets(before, silent_closes=1)
+
+
+@pytest.mark.parametrize("kind", ["ipv4", "ipv6", "v4mapped"])
+def test_restore_into_sockets_made_beforehand(
+    closer: Callable[[socket.socket], socket.socket], kind: str
+) -> None:
+    """restore_into_many fills sockets created (and possibly handed out) before the state
+    existed: the same socket object, the same open file — a duplicate made beforehand sees
+    the restored connection — and activate() works on it as on restore()'s."""
+    st = stage(closer, kind, False)
+    a, b = st.conn.a, st.conn.b
+    before = tcp_counters()
+    drop_all(a)
+    freeze(a)
+    snap = dump(a)
+    release(a)
+    undrop(b)
+    made = closer(socket.socket(snap.family, socket.SOCK_STREAM))
+    handed_out = closer(socket.socket(fileno=os.dup(made.fileno())))  # e.g. to the importer
+    restore_into_many([made], [snap])
+    assert is_frozen(made) and is_frozen(handed_out)
+    assert handed_out.getpeername()[:2] == snap.remote
+    assert inq(made) == RECV_BYTES
+    assert silent(b, 0.05)
+    activate(made)
+    continue_both_ways(st, handed_out)
+    assert_no_resets(before, silent_closes=1)
+
+
+def test_restore_into_refuses_the_wrong_family_and_used_sockets(
+    closer: Callable[[socket.socket], socket.socket],
+) -> None:
+    st = stage(closer, "ipv6", False)
+    a = st.conn.a
+    drop_all(a)
+    freeze(a)
+    snap = dump(a)
+    wrong = closer(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+    used = closer(socket.socket(socket.AF_INET6, socket.SOCK_STREAM))
+    used.bind(("::1", 0))
+    udp = closer(socket.socket(socket.AF_INET6, socket.SOCK_DGRAM))
+    with pytest.raises(BatchError) as ei:
+        restore_into_many([wrong, used, udp], [snap, snap, snap])
+    steps = [r.step for r in ei.value.results]
+    assert "family" in steps[0].lower() or "AF_INET" in steps[0], steps
+    assert all(isinstance(r, OSError) for r in ei.value.results)
+    with pytest.raises(ValueError, match="2 sockets for 1 snapshots"):
+        restore_into_many([wrong, used], [snap])
+    resume(a)  # the original is untouched by all this
 
 
 def test_restore_from_bytes_behaves_like_original(
