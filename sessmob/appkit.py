@@ -170,6 +170,8 @@ class AppKit(Closing):
         self._send_lock = threading.Lock()
         self._waiters: dict[int, _Waiter] = {}
         self._sessions: dict[str, SessionHandle] = {}
+        # Sockets the RM handed over before an import (prepare), by session id.
+        self._prepared: dict[str, list[ImportedFlow]] = {}
         self._closed: str | None = None  # why the connection is gone
         self._closing = False
         self._reader = threading.Thread(target=self._read_loop, name=f"appkit-{name}", daemon=True)
@@ -414,9 +416,12 @@ class AppKit(Closing):
         op = msg.op
         if op == "import":
             return self._import(msg)
+        if op == "prepare":
+            return self._prepare(msg)
         with self._lock:
             known = sid in self._sessions
         if op == "shutdown":
+            self._drop_prepared(sid)  # an import that will not come
             if known:
                 if self._on_shutdown is None:
                     raise AppKitError("application has no on_shutdown handler")
@@ -440,6 +445,45 @@ class AppKit(Closing):
             return {}
         raise ProtocolError(f"unhandled operation {op!r}")  # the decoder admits no other
 
+    def _adopt_fds(self, msg: Message) -> list[ImportedFlow]:
+        """The descriptors that came with `msg` as sockets, one per entry of its flows."""
+        flows: list[ImportedFlow] = []
+        fds, msg.fds = msg.fds, []
+        try:
+            for entry, fd in zip(msg.body["flows"], fds, strict=True):
+                sock = socket.socket(fileno=fd)
+                flows.append(ImportedFlow(entry["flow_id"], entry["kind"], sock))
+        except Exception:
+            _close_all(flows)
+            for fd in fds[len(flows) :]:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
+        return flows
+
+    def _prepare(self, msg: Message) -> dict[str, Any]:
+        """Sockets for a session about to be imported, handed over ahead of its state (they
+        stay unused until on_import, and are closed if the import does not come)."""
+        sid: str = msg.body["session_id"]
+        flows = self._adopt_fds(msg)
+        with self._lock:
+            running = sid in self._sessions
+            old = None if running else self._prepared.pop(sid, None)
+            if not running:
+                self._prepared[sid] = flows
+        if running:
+            _close_all(flows)
+            raise AppKitError(f"session {sid!r} already runs in this application")
+        if old:
+            _close_all(old)
+        return {}
+
+    def _drop_prepared(self, sid: str) -> None:
+        with self._lock:
+            flows = self._prepared.pop(sid, None)
+        if flows:
+            _close_all(flows)
+
     def _import(self, msg: Message) -> dict[str, Any]:
         body = msg.body
         sid: str = body["session_id"]
@@ -448,25 +492,23 @@ class AppKit(Closing):
                 raise AppKitError(f"session {sid!r} already runs in this application")
         if self._on_import is None:
             raise AppKitError("application is not an importer (no on_import handler)")
-        flows: list[ImportedFlow] = []
-        fds, msg.fds = msg.fds, []
-        try:
-            for entry, fd in zip(body["flows"], fds, strict=True):
-                sock = socket.socket(fileno=fd)
-                flows.append(ImportedFlow(entry["flow_id"], entry["kind"], sock))
-        except Exception:
-            for fl in flows:
-                fl.sock.close()
-            for fd in fds[len(flows) :]:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            raise
+        if body.get("prepared"):
+            with self._lock:
+                flows = self._prepared.pop(sid, None)
+            if flows is None:
+                raise AppKitError(f"import of session {sid!r}: no sockets were prepared for it")
+            want = [(f["flow_id"], f["kind"]) for f in body["flows"]]
+            if [(f.flow_id, f.kind) for f in flows] != want:
+                _close_all(flows)
+                raise AppKitError(f"import of session {sid!r}: flows differ from the prepared")
+        else:
+            self._drop_prepared(sid)  # the RM built the sockets anew: these are not used
+            flows = self._adopt_fds(msg)
         handle = SessionHandle(sid, body["session_type"], list(body["addresses"]))
         try:
             self._on_import(sid, body["session_type"], body["state"], flows)
         except BaseException:
-            for fl in flows:
-                fl.sock.close()
+            _close_all(flows)
             raise
         with self._lock:
             self._sessions[sid] = handle
@@ -481,6 +523,10 @@ class AppKit(Closing):
             self._waiters.clear()
         for w in waiters:
             w.event.set()
+        with self._lock:
+            prepared, self._prepared = list(self._prepared.values()), {}
+        for flows in prepared:
+            _close_all(flows)
         self._decoder.close()
         with contextlib.suppress(OSError):
             self._sock.close()
@@ -491,3 +537,9 @@ class AppKit(Closing):
                     self._on_disconnect(reason)
                 except Exception:
                     _log.exception("%s: on_disconnect failed", self.name)
+
+
+def _close_all(flows: Iterable[ImportedFlow]) -> None:
+    for f in flows:
+        with contextlib.suppress(OSError):
+            f.sock.close()

@@ -32,7 +32,7 @@ from typing import Any
 
 import msgpack
 
-PROTO_VERSION = 1
+PROTO_VERSION = 2  # 2: prepare, and import with prepared sockets
 HEADER = struct.Struct("!I")
 SCM_MAX_FD = 253  # the kernel's limit of descriptors in one SCM_RIGHTS message
 MAX_ID = (1 << 63) - 1
@@ -175,12 +175,18 @@ APP_REQUESTS: dict[str, Schema] = {
 
 RM_REQUESTS: dict[str, Schema] = {
     "suspend": _SID,
+    "prepare": {
+        **_SID,
+        "session_type": (NAME, True),
+        "flows": (_list(_FLOW, 65536), True),
+    },
     "import": {
         **_SID,
         "session_type": (NAME, True),
         "state": (_bytes, True),
         "addresses": (_list(NAME), True),
         "flows": (_list(_FLOW, 65536), True),
+        "prepared": (_bool, False),
     },
     "resume": _SID,
     "shutdown": _SID,
@@ -199,6 +205,7 @@ RESULTS: dict[str, Schema] = {
     "remove_flow": {},
     "close_session": {},
     "suspend": {"state": (_bytes, True)},
+    "prepare": {},
     "import": {},
     "resume": {},
     "shutdown": {},
@@ -210,7 +217,7 @@ def fds_expected(op: str, body: Mapping[str, Any]) -> int:
     """How many descriptors a request must carry."""
     if op == "add_flow":
         return 1
-    if op == "import":
+    if op == "prepare" or (op == "import" and not body.get("prepared")):
         return len(body["flows"])
     return 0
 

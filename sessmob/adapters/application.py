@@ -196,6 +196,7 @@ class AppServer:
         self._conns: dict[str, _Conn] = {}  # by app_id (or conn#N before hello)
         self._serial = itertools.count(1)
         self._sessions: dict[str, _Owned] = {}
+        self._prepared: dict[str, str] = {}  # session id -> importer holding its sockets
         self._tasks: set[asyncio.Task[Any]] = set()
         self._importer_waiters: dict[str, list[asyncio.Future[str]]] = {}
         self._launching: dict[str, asyncio.Task[str]] = {}
@@ -403,29 +404,72 @@ class AppServer:
 
         return state()
 
+    async def prepare(
+        self, app_id: str, session_id: str, session_type: str, flows: list[tuple[str, str, int]]
+    ) -> None:
+        """Hand an importer the sockets of a session it is about to import — (flow id, kind,
+        fd) each, not yet restored — before the freeze: inside the window only the state
+        then has to reach it (`start_import(..., prepared=True)`)."""
+        fields = {
+            "session_id": session_id,
+            "session_type": session_type,
+            "flows": [{"flow_id": fid, "kind": kind} for fid, kind, _ in flows],
+        }
+        await self._call(app_id, "prepare", fields, session_id, [fd for _, _, fd in flows])
+        self._prepared[session_id] = app_id
+
     async def import_session(self, app_id: str, session: ServiceSession, state: bytes) -> None:
         """Hand an arriving session to an importer: its state and its (frozen) sockets."""
+        flows = [(f.flow_id, str(f.kind)) for f in session.flows]
+        addresses = [str(a) for a in session.addresses]
+        await (await self.start_import(app_id, session, state, flows, addresses, prepared=False))
+
+    async def start_import(
+        self,
+        app_id: str,
+        session: ServiceSession,
+        state: bytes,
+        flows: list[tuple[str, str]],
+        addresses: list[str],
+        *,
+        prepared: bool,
+    ) -> Awaitable[dict[str, Any]]:
+        """Send the import now; the returned awaitable gives the importer's answer.
+
+        `prepared`: the importer already holds the sockets (prepare) — the RM may still be
+        restoring them while the importer takes in the state. Otherwise the session's
+        sockets (restored, frozen) go with the request, in the order of `flows`."""
+        sid = session.session_id
         fds: list[int] = []
-        flows: list[dict[str, Any]] = []
-        for f in session.flows:
-            if f.sock is None:
-                raise AppError(f"session {session.session_id}: flow {f.flow_id} has no socket")
-            fds.append(f.sock.fileno())
-            flows.append({"flow_id": f.flow_id, "kind": str(f.kind)})
-        fields = {
-            "session_id": session.session_id,
+        if not prepared:
+            socks = {f.flow_id: f.sock for f in session.flows}
+            for fid, _ in flows:
+                sock = socks.get(fid)
+                if sock is None:
+                    raise AppError(f"session {sid}: flow {fid} has no socket")
+                fds.append(sock.fileno())
+        fields: dict[str, Any] = {
+            "session_id": sid,
             "session_type": session.session_type,
             "state": bytes(state),
-            "addresses": [str(a) for a in session.addresses],
-            "flows": flows,
+            "addresses": addresses,
+            "flows": [{"flow_id": fid, "kind": kind} for fid, kind in flows],
         }
-        prev = self._sessions.get(session.session_id)
+        if prepared:
+            fields["prepared"] = True
+        prev = self._sessions.get(sid)
         if prev is not None and prev.phase != _Phase.IMPORTED:
-            raise AppError(
-                f"session {session.session_id} already runs here in application {prev.app_id}"
-            )
-        self._sessions[session.session_id] = _Owned(app_id, session, _Phase.IMPORTED)
-        await self._call(app_id, "import", fields, session.session_id, fds)
+            raise AppError(f"session {sid} already runs here in application {prev.app_id}")
+        self._prepared.pop(sid, None)
+        self._sessions[sid] = _Owned(app_id, session, _Phase.IMPORTED)
+        return await self._send(app_id, "import", fields, sid, fds)
+
+    async def discard_prepared(self, session_id: str) -> None:
+        """The import prepared for `session_id` will not come: the importer drops the
+        sockets it was given (a no-op if none were, or the import went ahead)."""
+        app_id = self._prepared.pop(session_id, None)
+        if app_id is not None and self.is_connected(app_id):
+            await self._call(app_id, "shutdown", {"session_id": session_id}, session_id)
 
     async def resume(self, app_id: str, session_id: str) -> None:
         """Let the application use the session again (ED after a failed move; ID activation)."""
@@ -892,6 +936,7 @@ class ApplicationAdapter:
 
     async def release_resources(self, offer: TransferOffer) -> None:
         self._reserved.pop(offer.session_id, None)
+        await self.server.discard_prepared(offer.session_id)
 
     async def do_presignaling(self, session: ServiceSession, role: Role) -> None:
         return None
@@ -914,6 +959,28 @@ class ApplicationAdapter:
         doc.apps.append(AppState(session.session_type, session.app_state))
 
     async def set_state(self, session: ServiceSession, doc: ExchangeDoc) -> None:
+        flows = [(f.flow_id, str(f.kind)) for f in session.flows]
+        await (await self.start_set_state(session, doc, flows, prepared=False))
+
+    async def prepare(self, offer: TransferOffer, flows: list[tuple[str, str, int]]) -> None:
+        """Hand the reserved importer the session's sockets ahead of the state (see
+        AppServer.prepare); AppError if there is none or it refuses."""
+        app_id = self._reserved.get(offer.session_id)
+        if app_id is None:
+            raise AppError(f"session {offer.session_id}: no importer reserved")
+        await self.server.prepare(app_id, offer.session_id, offer.session_type, flows)
+
+    async def start_set_state(
+        self,
+        session: ServiceSession,
+        doc: ExchangeDoc,
+        flows: list[tuple[str, str]],
+        *,
+        prepared: bool,
+    ) -> Awaitable[None]:
+        """SetState, split: the state goes to the importer now, the awaitable waits for its
+        answer. `prepared`: the importer holds the sockets already (the transports may still
+        be restoring them); otherwise the session's restored sockets go with the state."""
         blob = next((a.blob for a in doc.apps if a.app_type == session.session_type), None)
         if blob is None:
             raise AppError(
@@ -921,18 +988,29 @@ class ApplicationAdapter:
                 f" state of type {session.session_type!r}"
             )
         app_id = self._reserved.pop(session.session_id, None)
+        if prepared and app_id is None:
+            raise AppError(f"session {session.session_id}: prepared, but no importer reserved")
         if app_id is None or not self.server.is_connected(app_id):
             # The reserved importer went away: take another connected one (never launch here,
-            # this is the freeze window).
+            # this is the freeze window). Prepared sockets are with the one that went away.
+            if prepared:
+                raise AppError(f"session {session.session_id}: the prepared importer is gone")
             app_id = self.server.importer_for(session.session_type)
         if app_id is None:
             raise AppError(
                 f"session {session.session_id}: no importer for session type"
                 f" {session.session_type!r} is connected any more"
             )
-        await self.server.import_session(app_id, session, blob)
+        answer = await self.server.start_import(
+            app_id, session, blob, flows, list(doc.addresses), prepared=prepared
+        )
         session.app_id = app_id
         session.app_state = blob
+
+        async def imported() -> None:
+            await answer
+
+        return imported()
 
     async def resume(self, session: ServiceSession, role: Role) -> None:
         await self.server.resume(_app(session), session.session_id)

@@ -15,6 +15,7 @@ On the importing device (ID):    reserve_resources, do_presignaling, set_state,
 from __future__ import annotations
 
 import enum
+import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -93,3 +94,24 @@ class Adapter(Protocol):
         """ED after commit: free the session's part silently. ID: discard an import that
         was aborted before activation."""
         ...
+
+
+def fresh_sockets(offer: TransferOffer, adapter: str, kind: int) -> dict[str, socket.socket]:
+    """One new socket per flow of `adapter` in the offer, of the family of its local
+    address. ValueError on an offer entry that is not {"flow": str, "local": [addr, port]}."""
+    out: dict[str, socket.socket] = {}
+    try:
+        for entry in offer.resources.get(adapter, {}).get("flows", []):
+            fid = entry.get("flow") if isinstance(entry, dict) else None
+            local = entry.get("local") if isinstance(entry, dict) else None
+            if not isinstance(fid, str) or not isinstance(local, list) or not local:
+                raise ValueError(f"{adapter} flow entry {entry!r}")
+            family = socket.AF_INET6 if ":" in str(local[0]) else socket.AF_INET
+            if fid in out:
+                raise ValueError(f"{adapter} flow {fid!r} offered twice")
+            out[fid] = socket.socket(family, kind | socket.SOCK_CLOEXEC)
+    except BaseException:
+        for sock in out.values():
+            sock.close()
+        raise
+    return out

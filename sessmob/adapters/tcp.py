@@ -9,6 +9,7 @@ happens in repair mode and sends nothing.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import socket
 import struct
@@ -16,7 +17,7 @@ import termios
 from typing import Any
 
 from sessmob import tcp_repair
-from sessmob.adapters.base import Refused, Role, TransferOffer
+from sessmob.adapters.base import Refused, Role, TransferOffer, fresh_sockets
 from sessmob.exchange import ExchangeDoc, FlowState
 from sessmob.session import Flow, FlowKind, ServiceSession
 
@@ -87,15 +88,31 @@ class TcpAdapter:
         for f, snap in zip(flows, snaps, strict=True):
             doc.flows.append(FlowState(flow_id=f.flow_id, kind="tcp", tcp=snap))
 
+    def prepare_sockets(self, offer: TransferOffer) -> dict[str, socket.socket]:
+        """Fresh sockets for the offer's TCP flows (flow id -> socket), made before the
+        freeze so that the importer can hold them before the state arrives; SetState then
+        restores into them (session.meta["prepared"])."""
+        return fresh_sockets(offer, self.name, socket.SOCK_STREAM)
+
     async def set_state(self, session: ServiceSession, doc: ExchangeDoc) -> None:
         states = [fs for fs in doc.flows if fs.kind == "tcp" and fs.tcp is not None]
         if not states:
             return
+        snaps = [fs.tcp for fs in states]
+        prepared: dict[str, socket.socket] = session.meta.get("prepared", {})
+        made = [prepared[fs.flow_id] for fs in states] if prepared else []
         try:
-            socks = tcp_repair.restore_many([fs.tcp for fs in states])  # type: ignore[misc]
+            if made:
+                tcp_repair.restore_into_many(made, snaps)  # type: ignore[arg-type]
+                socks = made
+            else:
+                socks = tcp_repair.restore_many(snaps)  # type: ignore[arg-type]
         except tcp_repair.BatchError as e:
-            # Keep nothing half-built: the restored ones go silently.
-            tcp_repair.release_many([r for r in e.results if isinstance(r, socket.socket)])
+            # Keep nothing half-built: the restored ones go silently (prepared ones that
+            # failed may be half-built too, so all of them go).
+            done: list[socket.socket | int] = [r for r in e.results if isinstance(r, socket.socket)]
+            with contextlib.suppress(tcp_repair.BatchError):
+                tcp_repair.release_many(list(made) if made else done)
             raise
         for fs, sock in zip(states, socks, strict=True):
             snap = fs.tcp

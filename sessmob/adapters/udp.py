@@ -13,7 +13,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from sessmob.adapters.base import Refused, Role, TransferOffer
+from sessmob.adapters.base import Refused, Role, TransferOffer, fresh_sockets
 from sessmob.exchange import ExchangeDoc, FlowState, UdpState
 from sessmob.net.inet import is_v4, udp_packet
 from sessmob.session import Flow, FlowKind, ServiceSession
@@ -69,6 +69,11 @@ class UdpAdapter:
         if len(need.get("flows", [])) > 1024:
             raise Refused(self.name, "more than 1024 UDP flows")
 
+    def prepare_sockets(self, offer: TransferOffer) -> dict[str, socket.socket]:
+        """Fresh sockets for the offer's UDP flows, made before the freeze (see
+        TcpAdapter.prepare_sockets); SetState configures and binds them."""
+        return fresh_sockets(offer, self.name, socket.SOCK_DGRAM)
+
     async def release_resources(self, offer: TransferOffer) -> None:
         return None
 
@@ -122,7 +127,8 @@ class UdpAdapter:
             if fs.kind != "udp" or fs.udp is None:
                 continue
             st: UdpState = fs.udp
-            sock = socket.socket(st.family, socket.SOCK_DGRAM)
+            prepared = session.meta.get("prepared", {}).get(fs.flow_id)
+            sock = prepared if prepared is not None else socket.socket(st.family, socket.SOCK_DGRAM)
             try:
                 sock.setsockopt(_SOL_IP, IP_FREEBIND, 1)  # the address may come later
                 for name, (level, opt) in _options(st.family, st.local[0]).items():

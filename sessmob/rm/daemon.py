@@ -73,6 +73,8 @@ class _Incoming:
     done: list[Adapter] = field(default_factory=list)  # adapters whose set_state ran
     set_state_ms: float = 0.0
     parts: dict[str, float] = field(default_factory=dict)  # per-adapter SetState times
+    # flow id -> (kind, socket) made at reservation and handed to the importer (prepare)
+    prepared: dict[str, tuple[str, socket.socket]] = field(default_factory=dict)
 
 
 class RelocationManager:
@@ -87,6 +89,10 @@ class RelocationManager:
         self.udp = UdpAdapter() if "udp" in cfg.adapters else None
         # The transport adapters in the order every primitive visits them.
         self.transports: list[Adapter] = [self.tcp, *([self.udp] if self.udp else [])]
+        self._socket_makers: list[TcpAdapter | UdpAdapter] = [
+            self.tcp,
+            *([self.udp] if self.udp else []),
+        ]
         self.appserver = AppServer(
             os.path.join(cfg.state_dir, "app.sock"),
             self,
@@ -397,14 +403,48 @@ class RelocationManager:
                 with contextlib.suppress(Exception):
                     await a.release_resources(offer)
             raise
+        prepared = await self._prepare_import(offer)
         rid = uuid.uuid4().hex
         loop = asyncio.get_running_loop()
         expiry = loop.call_later(
             self.cfg.reservation_timeout,
             lambda: asyncio.ensure_future(self._expire(rid)),
         )
-        self.incoming[rid] = _Incoming(offer, expiry)
+        self.incoming[rid] = _Incoming(offer, expiry, prepared=prepared)
         return Reservation(rid, self.cfg.reservation_timeout)
+
+    async def _prepare_import(self, offer: TransferOffer) -> dict[str, tuple[str, socket.socket]]:
+        """Before the freeze: fresh sockets for the offered flows, handed to the reserved
+        importer now. Inside the window only the state then has to reach it, and it takes
+        the state in while the RM restores into those sockets. Any trouble here only means
+        the plain import (sockets made, then handed over, inside the window)."""
+        made: dict[str, tuple[str, socket.socket]] = {}
+        try:
+            for maker in self._socket_makers:
+                for fid, sock in maker.prepare_sockets(offer).items():
+                    if fid in made:
+                        sock.close()
+                        raise ValueError(f"flow {fid!r} offered twice")
+                    made[fid] = (maker.name, sock)
+            if made:
+                flows = [(fid, kind, sock.fileno()) for fid, (kind, sock) in made.items()]
+                await self.app.prepare(offer, flows)
+        except Exception as e:
+            log.info("session %s: import not prepared (%s)", offer.session_id, _reason(e))
+            _close_prepared(made)
+            return {}
+        return made
+
+    @staticmethod
+    def _prepared_for(inc: _Incoming, doc: ExchangeDoc) -> bool:
+        """The prepared sockets are exactly the document's flows (kinds and families too):
+        the flows may have changed between the check and the freeze."""
+        have = {fid: (kind, sock.family) for fid, (kind, sock) in inc.prepared.items()}
+        want: dict[str, tuple[str, int]] = {}
+        for fs in doc.flows:
+            state = fs.tcp if fs.tcp is not None else fs.udp
+            want[fs.flow_id] = (str(fs.kind), state.family if state is not None else -1)
+        return bool(have) and have == want
 
     def _incoming(self, rid: str) -> _Incoming:
         inc = self.incoming.get(rid)
@@ -424,15 +464,54 @@ class RelocationManager:
         s = ServiceSession(doc.session_id, doc.session_type, state=SessionState.IMPORTING)
         inc.session = s
         t = time.perf_counter()
+        carrying = self._carrying(doc.flows)
+        if self._prepared_for(inc, doc):
+            await self._set_state_prepared(inc, s, doc, carrying)
+            inc.set_state_ms = round((time.perf_counter() - t) * 1e3, 3)
+            return
+        # The plain import: sockets made here, handed over with the state. The importer
+        # drops any it was prepared with.
+        _close_prepared(inc.prepared)
+        inc.prepared = {}
         # Address first (restored sockets bind to it), the application last (it gets the
         # restored sockets and the state, but uses them only after activation).
-        for a in (self.net, *self._carrying(doc.flows), self.app):
+        for a in (self.net, *carrying, self.app):
             inc.done.append(a)
             self._fault("import", a, "set_state")
             t_a = time.perf_counter()
             await a.set_state(s, doc)
             inc.parts[f"set_state_{a.name}_ms"] = round((time.perf_counter() - t_a) * 1e3, 3)
         inc.set_state_ms = round((time.perf_counter() - t) * 1e3, 3)
+
+    async def _set_state_prepared(
+        self, inc: _Incoming, s: ServiceSession, doc: ExchangeDoc, carrying: list[Adapter]
+    ) -> None:
+        """SetState with the importer holding the sockets already: the state goes to it
+        first, and it takes it in while the address is added and the sockets restored."""
+        s.meta["prepared"] = {fid: sock for fid, (_, sock) in inc.prepared.items()}
+        flows = [(fs.flow_id, str(fs.kind)) for fs in doc.flows]
+        inc.done.append(self.app)
+        self._fault("import", self.app, "set_state")
+        t_app = time.perf_counter()
+        imported = await self.app.start_set_state(s, doc, flows, prepared=True)
+        try:
+            for a in (self.net, *carrying):
+                inc.done.append(a)
+                self._fault("import", a, "set_state")
+                t_a = time.perf_counter()
+                await a.set_state(s, doc)
+                inc.parts[f"set_state_{a.name}_ms"] = round((time.perf_counter() - t_a) * 1e3, 3)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await imported  # the importer finishes before it is told to drop the session
+            raise
+        t_wait = time.perf_counter()
+        await imported
+        now = time.perf_counter()
+        # From sending the state to the answer (overlapping the others), and what was left
+        # of it once the others were done.
+        inc.parts["set_state_application_ms"] = round((now - t_app) * 1e3, 3)
+        inc.parts["set_state_application_wait_ms"] = round((now - t_wait) * 1e3, 3)
 
     async def activate_session(self, reservation_id: str) -> dict[str, float]:
         inc = self._incoming(reservation_id)
@@ -513,9 +592,15 @@ class RelocationManager:
                     await a.shutdown(inc.session, Role.IMPORT)
                 except Exception as e:
                     log.warning("discarding %s in %s: %s", inc.session.session_id, a.name, e)
+        _close_prepared(inc.prepared)  # our copies of sockets never restored (the rest: above)
         for a in self._adapters():
             with contextlib.suppress(Exception):
                 await a.release_resources(inc.offer)
+
+
+def _close_prepared(prepared: dict[str, tuple[str, socket.socket]]) -> None:
+    for _, sock in prepared.values():
+        sock.close()
 
 
 def _reason(e: BaseException) -> str:
