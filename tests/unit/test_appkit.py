@@ -289,6 +289,106 @@ def test_session_moves_from_one_application_to_another(
             f.sock.close()
 
 
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_prepared_import_hands_the_sockets_over_before_the_state(
+    lt: LoopThread, devices: Callable[..., Device], kits: list[AppKit]
+) -> None:
+    """prepare (at reservation) gives the importer the sockets; the import inside the window
+    then carries only the state, and on_import gets those very sockets."""
+    id_ = devices("id")
+    b = Recorder()
+    kb = b.kit(id_.path, "importer", importer=True)
+    kits.append(kb)
+    client, conn = tcp_pair()
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    app = kb.app_id or ""
+    lt.run(
+        id_.server.prepare(
+            app, "s1", "demo", [("f0", "tcp", conn.fileno()), ("u", "udp", udp.fileno())]
+        )
+    )
+    assert b.calls == []  # nothing for the application's code yet
+    arriving = ServiceSession("s1", "demo", [SessionAddress("127.0.0.1", 32)])
+    answer = lt.run(
+        id_.server.start_import(
+            app, arriving, b"st", [("f0", "tcp"), ("u", "udp")], ["127.0.0.1/32"], prepared=True
+        )
+    )
+    lt.run(_awaited(answer))
+    assert b.calls == [("import", "s1")] and b.states["s1"] == b"st"
+    got = b.imported["s1"]
+    assert [(f.flow_id, f.kind) for f in got] == [("f0", "tcp"), ("u", "udp")]
+    assert [inode(f.sock) for f in got] == [inode(conn), inode(udp)]
+    assert kb.session("s1").addresses == ["127.0.0.1/32"]
+    for x in (client, conn, udp):
+        x.close()
+
+
+async def _awaited(answer: Any) -> Any:
+    return await answer
+
+
+def test_prepared_sockets_are_dropped_when_no_import_or_a_plain_one_comes(
+    lt: LoopThread, devices: Callable[..., Device], kits: list[AppKit]
+) -> None:
+    id_ = devices("id")
+    b = Recorder()
+    kb = b.kit(id_.path, "importer", importer=True)
+    kits.append(kb)
+    app = kb.app_id or ""
+    client, conn = tcp_pair()
+    before = fd_count()
+    lt.run(id_.server.prepare(app, "s1", "demo", [("f0", "tcp", conn.fileno())]))
+    assert wait_for(lambda: fd_count() == before + 1)  # the kit's copy
+    lt.run(id_.server.discard_prepared("s1"))  # the reservation went: the copy goes
+    assert wait_for(lambda: fd_count() == before)
+    assert b.calls == []  # not a session of the application: no on_shutdown
+    lt.run(id_.server.discard_prepared("s1"))  # nothing left: a no-op
+
+    # A plain import (sockets made anew, sent along) replaces what was prepared.
+    lt.run(id_.server.prepare(app, "s2", "demo", [("f0", "tcp", conn.fileno())]))
+    assert wait_for(lambda: fd_count() == before + 1)
+    other_client, other = tcp_pair()
+    arriving = ServiceSession("s2", "demo", [SessionAddress("127.0.0.1", 32)])
+    arriving.flows = [Flow("f0", FlowKind.TCP, other)]
+    lt.run(id_.server.import_session(app, arriving, b"x"))
+    assert inode(b.imported["s2"][0].sock) == inode(other)
+    for x in (client, conn, other_client, other):
+        x.close()
+
+
+def test_prepared_import_without_or_with_other_sockets_is_refused(
+    lt: LoopThread, devices: Callable[..., Device], kits: list[AppKit]
+) -> None:
+    id_ = devices("id")
+    b = Recorder()
+    kb = b.kit(id_.path, "importer", importer=True)
+    kits.append(kb)
+    app = kb.app_id or ""
+    arriving = ServiceSession("s1", "demo", [SessionAddress("127.0.0.1", 32)])
+
+    async def imp(flows: list[tuple[str, str]]) -> None:
+        answer = await id_.server.start_import(
+            app, arriving, b"x", flows, ["127.0.0.1/32"], prepared=True
+        )
+        await answer
+
+    with pytest.raises(AppError, match="no sockets were prepared"):
+        lt.run(imp([("f0", "tcp")]))
+    client, conn = tcp_pair()
+    before = fd_count()
+    lt.run(id_.server.prepare(app, "s1", "demo", [("f0", "tcp", conn.fileno())]))
+    with pytest.raises(AppError, match="flows differ from the prepared"):
+        lt.run(imp([("f1", "tcp")]))
+    assert wait_for(lambda: fd_count() == before)  # the kit closed its copies
+    assert b.calls == []
+    client.close()
+    conn.close()
+
+
 def test_failed_move_resumes_the_exporter(
     lt: LoopThread, devices: Callable[..., Device], kits: list[AppKit]
 ) -> None:

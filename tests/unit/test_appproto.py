@@ -25,6 +25,7 @@ from sessmob.appproto import (
     ProtocolError,
     encode_reply,
     encode_request,
+    fds_expected,
     recv_chunk,
     send_frame,
     uid_allowed,
@@ -286,6 +287,26 @@ def test_too_many_descriptors_declared() -> None:
 def test_descriptor_count_must_match_the_op(pipe_fds: list[int]) -> None:
     frame = raw_frame({"op": "add_flow", "id": 1, "session_id": "s", "nfd": 2})
     refused(rm_side(), frame, "must carry 1 descriptor", list(pipe_fds))
+
+
+def test_prepare_carries_the_sockets_and_a_prepared_import_none(pipe_fds: list[int]) -> None:
+    flows = [{"flow_id": "f0", "kind": "tcp"}, {"flow_id": "u", "kind": "udp"}]
+    prep = {"session_id": "s", "session_type": "demo", "flows": flows}
+    assert fds_expected("prepare", prep) == 2
+    [m] = app_side().feed(encode_request("prepare", 1, prep, 2), list(pipe_fds))
+    assert m.op == "prepare" and m.fds == pipe_fds
+    imp = {"session_id": "s", "session_type": "demo", "state": b"x", "addresses": [],
+           "flows": flows}  # fmt: skip
+    assert fds_expected("import", imp) == 2
+    assert fds_expected("import", {**imp, "prepared": True}) == 0
+    [m] = app_side().feed(encode_request("import", 2, {**imp, "prepared": True}))
+    assert m.body["prepared"] is True and m.fds == []
+    frame = raw_frame({"op": "import", "id": 3, **imp, "prepared": True, "nfd": 1})
+    refused(app_side(), frame, "must carry 0 descriptor", [os.dup(pipe_fds[0])])
+    refused(app_side(), raw_frame({"op": "import", "id": 4, **imp, "prepared": 1}),
+            "prepared must be a boolean")  # fmt: skip
+    with pytest.raises(ProtocolError, match="carries 2 descriptors, not 0"):
+        encode_request("prepare", 5, prep, 0)
 
 
 def test_descriptors_promised_but_missing() -> None:
