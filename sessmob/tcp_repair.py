@@ -20,6 +20,7 @@ repaired at all raise its subclass NotRepairable and are left untouched.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import logging
@@ -29,6 +30,7 @@ import socket
 import struct
 import threading
 import weakref
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -259,6 +261,24 @@ def _native_state(snapshot: TcpSnapshot) -> Any:
     return st
 
 
+@contextlib.contextmanager
+def _borrowed(views: Iterable[memoryview]) -> Iterator[list[Any]]:
+    """C pointers to the bytes of `views` (NULL for empty ones) for the length of one call
+    into C, released on leaving rather than left to the garbage collector.
+
+    Why: a `from_buffer` still held by a frame that an exception keeps alive (the traceback
+    of a BatchError) sits in a reference cycle with the memoryview it exports; CPython 3.11's
+    cycle collector can clear that memoryview first, and releasing the buffer afterwards then
+    touches freed memory — a segfault during a later garbage collection."""
+    bufs = [ffi.from_buffer(v) if len(v) else ffi.NULL for v in views]
+    try:
+        yield bufs
+    finally:
+        for b in bufs:
+            if b is not ffi.NULL:
+                ffi.release(b)
+
+
 def _adopt(fd: int, snapshot: TcpSnapshot, st: Any) -> socket.socket:
     """Wrap a restored fd and remember what activate() will need."""
     sock = socket.socket(snapshot.family, socket.SOCK_STREAM, socket.IPPROTO_TCP, fileno=fd)
@@ -300,9 +320,9 @@ def restore(snapshot: TcpSnapshot) -> socket.socket:
     configured yet (IP_FREEBIND). A snapshot not made by dump() is validated first.
     """
     st = _native_state(snapshot)
-    queues = ffi.from_buffer(snapshot.queues) if len(snapshot.queues) else ffi.NULL
     fdp = ffi.new("int *")
-    rc = lib.tcpr_restore(st, queues, fdp)
+    with _borrowed([snapshot.queues]) as (queues,):
+        rc = lib.tcpr_restore(st, queues, fdp)
     if rc:
         raise TcpRepairError("restore", rc, ffi.errno, _flow(snapshot))
     return _adopt(fdp[0], snapshot, st)
@@ -374,17 +394,17 @@ def restore_many(snapshots: list[TcpSnapshot]) -> list[socket.socket]:
     repair mode: release() them to roll back)."""
     n = len(snapshots)
     states = [_native_state(s) for s in snapshots]
-    bufs = [ffi.from_buffer(s.queues) if len(s.queues) else ffi.NULL for s in snapshots]
     fds = ffi.new("int[]", n)
     out = _Outcome(n)
-    failed = lib.tcpr_restore_many(
-        ffi.new("struct tcpr_state *[]", states),
-        ffi.new("uint8_t *[]", bufs),
-        n,
-        fds,
-        out.rcs,
-        out.errs,
-    )
+    with _borrowed([s.queues for s in snapshots]) as bufs:
+        failed = lib.tcpr_restore_many(
+            ffi.new("struct tcpr_state *[]", states),
+            ffi.new("uint8_t *[]", bufs),
+            n,
+            fds,
+            out.rcs,
+            out.errs,
+        )
     errors = out.errors("restore", lambda i: _flow(snapshots[i])) if failed else {}
     results: list[Any] = [
         errors[i] if i in errors else _adopt(fds[i], snapshots[i], states[i]) for i in range(n)
@@ -408,17 +428,17 @@ def restore_into_many(socks: list[socket.socket], snapshots: list[TcpSnapshot]) 
     if len(snapshots) != n:
         raise ValueError(f"restore_into_many: {n} sockets for {len(snapshots)} snapshots")
     states = [_native_state(s) for s in snapshots]
-    bufs = [ffi.from_buffer(s.queues) if len(s.queues) else ffi.NULL for s in snapshots]
     fds = ffi.new("int[]", [_fileno(s) for s in socks])
     out = _Outcome(n)
-    failed = lib.tcpr_restore_into_many(
-        fds,
-        ffi.new("struct tcpr_state *[]", states),
-        ffi.new("uint8_t *[]", bufs),
-        n,
-        out.rcs,
-        out.errs,
-    )
+    with _borrowed([s.queues for s in snapshots]) as bufs:
+        failed = lib.tcpr_restore_into_many(
+            fds,
+            ffi.new("struct tcpr_state *[]", states),
+            ffi.new("uint8_t *[]", bufs),
+            n,
+            out.rcs,
+            out.errs,
+        )
     errors = out.errors("restore", lambda i: _flow(snapshots[i])) if failed else {}
     results: list[Any] = [
         errors[i] if i in errors else _register(socks[i], snapshots[i], states[i]) for i in range(n)
@@ -443,17 +463,18 @@ def activate_many(socks: list[FdLike], acks: AckSender | None = None) -> None:
     try:
         keep = [e.unsent for e in entries if e is not None]
         out = _Outcome(n)
-        failed = lib.tcpr_activate_many(
-            ffi.new("int[]", fds),
-            ffi.new("struct tcpr_state *[]", [e.state[1] for e in entries if e is not None]),
-            senders.v4.fileno(),
-            senders.v6.fileno(),
-            ffi.new("uint8_t *[]", [ffi.from_buffer(u) if len(u) else ffi.NULL for u in keep]),
-            ffi.new("size_t[]", [len(u) for u in keep]),
-            n,
-            out.rcs,
-            out.errs,
-        )
+        with _borrowed(keep) as unsent:
+            failed = lib.tcpr_activate_many(
+                ffi.new("int[]", fds),
+                ffi.new("struct tcpr_state *[]", [e.state[1] for e in entries if e is not None]),
+                senders.v4.fileno(),
+                senders.v6.fileno(),
+                ffi.new("uint8_t *[]", unsent),
+                ffi.new("size_t[]", [len(u) for u in keep]),
+                n,
+                out.rcs,
+                out.errs,
+            )
     finally:
         if own:
             senders.close()
@@ -547,8 +568,8 @@ def activate(sock: FdLike, acks: AckSender | None = None) -> None:
     senders = _ack_sender_for(fd) if acks is None else acks
     try:
         raw = (senders.v4 if entry.v4 else senders.v6).fileno()
-        unsent = ffi.from_buffer(entry.unsent) if len(entry.unsent) else ffi.NULL
-        rc = lib.tcpr_activate_ack(fd, entry.state[1], raw, unsent, len(entry.unsent))
+        with _borrowed([entry.unsent]) as (unsent,):
+            rc = lib.tcpr_activate_ack(fd, entry.state[1], raw, unsent, len(entry.unsent))
     finally:
         if own:
             senders.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import dataclasses
 import errno
 import fcntl
 import gc
@@ -43,6 +44,7 @@ from sessmob.tcp_repair import (
     release,
     restore,
     restore_into_many,
+    restore_many,
     resume,
 )
 from sessmob.tcp_snapshot import F_NONBLOCK, F_V4MAPPED
@@ -461,6 +463,30 @@ def test_restore_into_refuses_the_wrong_family_and_used_sockets(
     with pytest.raises(ValueError, match="2 sockets for 1 snapshots"):
         restore_into_many([wrong, used], [snap])
     resume(a)  # the original is untouched by all this
+
+
+def test_no_buffer_stays_exported_after_a_failed_batch(
+    closer: Callable[[socket.socket], socket.socket],
+) -> None:
+    """The queue bytes are lent to C only for the call: a BatchError whose traceback keeps
+    the call's frame alive must not keep them exported (in a reference cycle with the
+    memoryview, CPython's collector could clear the view first and a later release would
+    touch freed memory — a segfault seen during garbage collection)."""
+    st = stage(closer, "ipv6", False)
+    a = st.conn.a
+    drop_all(a)
+    freeze(a)
+    snap = dump(a)
+    queues = memoryview(bytearray(snap.queues))
+    copy = dataclasses.replace(snap, queues=queues)
+    wrong = closer(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+    with pytest.raises(BatchError) as into:
+        restore_into_many([wrong], [copy])
+    with pytest.raises(BatchError) as many:  # the original connection still exists here
+        restore_many([copy])
+    assert into.value.__traceback__ is not None and many.value.__traceback__ is not None
+    queues.release()  # BufferError if a from_buffer were still holding it
+    resume(a)
 
 
 def test_restore_from_bytes_behaves_like_original(
