@@ -604,6 +604,18 @@ static int restore_into(int fd, const struct tcpr_state *st, const uint8_t *queu
 			return TCPR_E_QUEUE_SEL;
 		if (replay(fd, inq, st->inq_len) < 0)
 			return TCPR_E_RECVQ;
+		/* The replay needed room for the queue's overhead; afterwards the socket gets the
+		 * size it had. Otherwise every move of a connection whose reader lags (a full
+		 * receive queue) would grow its buffer by half again, until the queue outgrows
+		 * what a snapshot may carry. */
+		if (!defaults_fit(st, d) && st->rcvbuf > 0 &&
+		    buf_for(st->rcvbuf, st->inq_len) > (st->rcvbuf + 1) / 2) {
+			if (set_int(fd, SOL_SOCKET, SO_RCVBUFFORCE, (st->rcvbuf + 1) / 2) < 0)
+				return TCPR_E_BUF;
+			if ((st->buf_lock & SOCK_BUF_LOCK_MASK) != SOCK_BUF_LOCK_MASK &&
+			    set_int(fd, SOL_SOCKET, SO_BUF_LOCK, st->buf_lock & SOCK_BUF_LOCK_MASK) < 0)
+				return TCPR_E_BUF;
+		}
 	}
 	/* The window can only be set once rcv_nxt is where the receive queue left it. */
 	if (st->flags & TCPR_F_WINDOW) {

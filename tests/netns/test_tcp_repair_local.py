@@ -237,8 +237,8 @@ def connect_pair(
 # -- verifiable streams -------------------------------------------------------------------------
 
 _PERIOD = 1 << 20
-_PATTERNS = {
-    seed: bytes(((i * 131) ^ (i >> 8) ^ (i >> 16) ^ seed) & 0xFF for i in range(2 * _PERIOD))
+_PATTERNS = {  # one period twice over: a slice may start anywhere in the first
+    seed: bytes(((i * 131) ^ (i >> 8) ^ (i >> 16) ^ seed) & 0xFF for i in range(_PERIOD)) * 2
     for seed in (0x5A, 0xC3)
 }
 A2B, B2A = 0x5A, 0xC3  # the two directions
@@ -487,6 +487,36 @@ def test_no_buffer_stays_exported_after_a_failed_batch(
     assert into.value.__traceback__ is not None and many.value.__traceback__ is not None
     queues.release()  # BufferError if a from_buffer were still holding it
     resume(a)
+
+
+def test_a_full_receive_queue_does_not_grow_the_buffer_move_after_move(
+    closer: Callable[[socket.socket], socket.socket],
+) -> None:
+    """A reader that lags keeps its receive queue full. Restoring needs room beyond the
+    queue for the replay, but the restored socket must end with the buffer it had: else each
+    move grows it by half again, until the queue outgrows what a snapshot may carry."""
+    conn = connect_pair(closer, "ipv4")
+    a, b = conn.a, conn.b
+    b.setblocking(False)
+    stream = Stream(B2A)
+    stream.send(b, 64 << 20, until_full=True)  # a reads nothing: its queue fills up
+    assert wait_until(lambda: inq(a) > 0)
+    time.sleep(0.2)
+    sizes = []
+    for _ in range(4):
+        before = a.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        drop_all(a)
+        freeze(a)
+        snap = dump(a)
+        release(a)
+        a = closer(restore(snap))
+        activate(a)
+        sizes.append((before, a.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF), snap.inq_len))
+        stream.send(b, 1 << 20, until_full=True)
+        time.sleep(0.1)
+    assert all(after <= before for before, after, _ in sizes), sizes
+    assert sizes[-1][1] <= sizes[0][0], sizes
+    stream.drain(a)  # every byte, once and in order, through four restores
 
 
 def test_restore_from_bytes_behaves_like_original(
