@@ -35,7 +35,7 @@ from sessmob.adapters.application import (
 )
 from sessmob.adapters.base import Refused, Role, TransferOffer
 from sessmob.appkit import AppKit, AppKitError, ImportedFlow
-from sessmob.appproto import HEADER, encode_request, recv_chunk
+from sessmob.appproto import HEADER, PROTO_VERSION, encode_request, recv_chunk
 from sessmob.session import Flow, FlowKind, ServiceSession, SessionAddress
 
 T = TypeVar("T")
@@ -614,7 +614,7 @@ def test_too_many_requests_in_flight_drop_the_connection(
 
     ed.host.create_session = never  # type: ignore[method-assign]
     s = raw_client(ed.path)
-    s.sendall(encode_request("hello", 1, {"proto": 1, "name": "greedy", "pid": 1,
+    s.sendall(encode_request("hello", 1, {"proto": PROTO_VERSION, "name": "greedy", "pid": 1,
                                           "importer_types": []}))  # fmt: skip
     flood = [encode_request("create_session", i, {"session_type": "x"}) for i in range(2, 80)]
     s.sendall(b"".join(flood))
