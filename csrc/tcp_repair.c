@@ -648,21 +648,27 @@ static int restore_into(int fd, const struct tcpr_state *st, const uint8_t *queu
 	return rc;
 }
 
+/* The state is consistent and its queue bytes are there (errno EINVAL if not). */
+static int check_restorable(const struct tcpr_state *st, const uint8_t *queues)
+{
+	int rc = check_state(st);
+
+	if (!rc && (st->inq_len || st->outq_len) && !queues)
+		rc = TCPR_E_INVALID;
+	if (rc)
+		errno = EINVAL;
+	return rc;
+}
+
 static int restore_one(const struct tcpr_state *st, const uint8_t *queues, int *fd_out,
 		       struct fresh_defaults *d)
 {
 	int fd, rc, saved;
 
 	*fd_out = -1;
-	rc = check_state(st);
-	if (rc) {
-		errno = EINVAL;
+	rc = check_restorable(st, queues);
+	if (rc)
 		return rc;
-	}
-	if ((st->inq_len || st->outq_len) && !queues) {
-		errno = EINVAL;
-		return TCPR_E_INVALID;
-	}
 	fd = socket(st->family, SOCK_STREAM | SOCK_CLOEXEC, IPPROTO_TCP);
 	if (fd < 0)
 		return TCPR_E_SOCKET;
@@ -686,16 +692,10 @@ int tcpr_restore(const struct tcpr_state *st, const uint8_t *queues, int *fd_out
 static int restore_into_fd(int fd, const struct tcpr_state *st, const uint8_t *queues,
 			   struct fresh_defaults *d)
 {
-	int domain, rc = check_state(st);
+	int domain, rc = check_restorable(st, queues);
 
-	if (rc) {
-		errno = EINVAL;
+	if (rc)
 		return rc;
-	}
-	if ((st->inq_len || st->outq_len) && !queues) {
-		errno = EINVAL;
-		return TCPR_E_INVALID;
-	}
 	/* One syscall: a socket of the other family would fail later, less clearly. A socket
 	 * that is not fresh fails at TCP_REPAIR (not TCP), bind or connect. */
 	if (get_int(fd, SOL_SOCKET, SO_DOMAIN, &domain) < 0)

@@ -30,7 +30,7 @@ import socket
 import struct
 import threading
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -405,10 +405,20 @@ def restore_many(snapshots: list[TcpSnapshot]) -> list[socket.socket]:
             out.rcs,
             out.errs,
         )
+    return _restored_or_raise(
+        out, failed, snapshots, lambda i: _adopt(fds[i], snapshots[i], states[i])
+    )
+
+
+def _restored_or_raise(
+    out: _Outcome,
+    failed: int,
+    snapshots: list[TcpSnapshot],
+    wrap: Callable[[int], socket.socket],
+) -> list[socket.socket]:
+    """The restored sockets (`wrap(i)` for each), or BatchError holding them and the errors."""
     errors = out.errors("restore", lambda i: _flow(snapshots[i])) if failed else {}
-    results: list[Any] = [
-        errors[i] if i in errors else _adopt(fds[i], snapshots[i], states[i]) for i in range(n)
-    ]
+    results: list[Any] = [errors[i] if i in errors else wrap(i) for i in range(len(snapshots))]
     if errors:
         raise BatchError("restore", results)
     return results
@@ -439,12 +449,9 @@ def restore_into_many(socks: list[socket.socket], snapshots: list[TcpSnapshot]) 
             out.rcs,
             out.errs,
         )
-    errors = out.errors("restore", lambda i: _flow(snapshots[i])) if failed else {}
-    results: list[Any] = [
-        errors[i] if i in errors else _register(socks[i], snapshots[i], states[i]) for i in range(n)
-    ]
-    if errors:
-        raise BatchError("restore", results)
+    _restored_or_raise(
+        out, failed, snapshots, lambda i: _register(socks[i], snapshots[i], states[i])
+    )
 
 
 def activate_many(socks: list[FdLike], acks: AckSender | None = None) -> None:
