@@ -530,7 +530,8 @@ class RelocationManager:
         # Committed: from here the session is this device's.
         inc.activated = True
         inc.expiry.cancel()
-        times["activate_ms"] = round((time.perf_counter() - t) * 1e3, 3)
+        t_post = time.perf_counter()
+        times["activate_ms"] = round((t_post - t) * 1e3, 3)
         errors = []
         carrying = self._carrying(s.flows)
         post = [(a.name, a.resume(s, Role.IMPORT)) for a in carrying if a is not self.tcp]
@@ -552,7 +553,7 @@ class RelocationManager:
             resumed = asyncio.ensure_future(acknowledged)
             self._background.add(resumed)  # keep it alive until done
             resumed.add_done_callback(lambda f: self._after_resume(s, f))
-        times["postsignaling_ms"] = round((time.perf_counter() - t) * 1e3, 3)
+        times["postsignaling_ms"] = round((time.perf_counter() - t_post) * 1e3, 3)
         s.state = SessionState.ACTIVE
         self.sessions[s.session_id] = s
         self.incoming.pop(reservation_id, None)
