@@ -54,6 +54,20 @@ def bed(fresh_lan: Testbed) -> Iterator[RmBed]:
         yield b
 
 
+def back_and_forth(bed: RmBed, sid: str, moves: int, pause: float) -> list[dict]:
+    """Move the session ed -> id -> ed ... `moves` times; every move reply. After each move
+    the session is on the target device only (never two owners)."""
+    where, replies = "ed", []
+    for _ in range(moves):
+        to = "id" if where == "ed" else "ed"
+        replies.append(bed.move(where, sid, to))
+        assert [s["session"] for s in bed.sessions(to)] == [sid]
+        assert bed.sessions(where) == []
+        where = to
+        time.sleep(pause)
+    return replies
+
+
 def start_session(
     bed: RmBed, flows: tuple[str, ...], duration: float
 ) -> tuple[str, subprocess.Popen[bytes]]:
@@ -69,16 +83,7 @@ def start_session(
 def test_echo_session_moves_fifty_times(bed: RmBed) -> None:
     before = cn_counters(bed.tb)
     sid, c = start_session(bed, ("--tcp", "1", "--rate", "1000000"), duration=40)
-    where = "ed"
-    t_mig = []
-    for _ in range(50):
-        to = "id" if where == "ed" else "ed"
-        r = bed.move(where, sid, to)
-        t_mig.append(r["t_mig_ms"])
-        assert [s["session"] for s in bed.sessions(to)] == [sid]
-        assert bed.sessions(where) == []  # never two owners
-        where = to
-        time.sleep(0.05)
+    back_and_forth(bed, sid, 50, 0.05)
     c.terminate()
     rep = report(c)
     assert rep["ok"], rep
@@ -90,12 +95,7 @@ def test_three_tcp_and_one_udp_flow_move(bed: RmBed) -> None:
     sid, c = start_session(
         bed, ("--tcp", "3", "--udp", "1", "--rate", "500000", "--udp-pps", "200"), duration=30
     )
-    where = "ed"
-    for _ in range(10):
-        to = "id" if where == "ed" else "ed"
-        bed.move(where, sid, to)
-        where = to
-        time.sleep(0.1)
+    back_and_forth(bed, sid, 10, 0.1)
     c.terminate()
     rep = report(c)
     assert rep["ok"], rep
@@ -123,13 +123,8 @@ def test_rms_without_the_udp_adapter_move_a_tcp_session(fresh_lan: Testbed) -> N
         s = bed.wait_session("ed")
         c = client(bed, s["addresses"][0].split("/")[0], "--duration", "20", "--rate", "1000000")
         bed.wait_flows("ed", "tcp")
-        where = "ed"
-        for _ in range(6):
-            to = "id" if where == "ed" else "ed"
-            r = bed.move(where, s["session"], to)
+        for r in back_and_forth(bed, s["session"], 6, 0.05):
             assert "set_state_udp_ms" not in r["importer_steps"], r["importer_steps"]
-            where = to
-            time.sleep(0.05)
         c.terminate()
         rep = report(c)
         assert rep["ok"], rep
