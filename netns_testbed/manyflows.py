@@ -15,11 +15,13 @@ a mismatch just like a gap or a duplicate.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import selectors
 import socket
 import subprocess
 import sys
+import termios
 import threading
 import time
 from dataclasses import dataclass
@@ -243,13 +245,18 @@ class ManyFlows(Closing):
 
     def move(self, hold: float = 0.0) -> MoveTiming:
         """Move every connection to the other device. `hold`: seconds the device side stops
-        reading before the move, so that data queues up (an application that is behind)."""
+        reading before the move, so that data queues up (an application that is behind) —
+        and, if nothing has arrived by then (the CN's process was not scheduled: a busy
+        host), until something has, for at most a second more."""
         assert self.device is not None
         dst = "id" if self.where == "ed" else "ed"
         self.mover.prepare(dst)
         self.device.pause()
         if hold:
             time.sleep(hold)
+            deadline = time.monotonic() + 1.0
+            while not _anything_queued(self.device.socks) and time.monotonic() < deadline:
+                time.sleep(0.01)
         try:
             new, timing = self.mover.move_many(self.device.socks, self.where, dst)
         except BaseException:
@@ -301,3 +308,13 @@ class ManyFlows(Closing):
 
 if __name__ == "__main__":
     sys.exit(serve(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+
+
+def _anything_queued(socks: list[socket.socket]) -> bool:
+    """Some socket has received bytes nobody has read yet (FIONREAD)."""
+    buf = bytearray(4)
+    for sock in socks:
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
+        if int.from_bytes(buf, sys.byteorder):
+            return True
+    return False
