@@ -270,7 +270,9 @@ class PeerClient:
                 except WireError as e:  # our own message cannot be encoded: nothing was sent
                     raise WireError(f"{step}: {e}") from e
                 if wait_on_socket:
-                    self._wait_on_socket(fut, min(limit, SOCKET_WAIT))
+                    closing = self._wait_on_socket(fut, min(limit, SOCKET_WAIT))
+                    if closing is not None:
+                        await self._shut(closing)
                 reply = fut.result() if fut.done() else await fut
         except TimeoutError:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
@@ -311,10 +313,15 @@ class PeerClient:
     async def _violation(self, step: str, e: WireError) -> PeerLost:
         reason = f"protocol violation by peer: {e}"
         log.warning("R channel %r closed: %s", self.channel, reason)
+        await self._shut(reason)
+        return PeerLost(step, reason)
+
+    async def _shut(self, reason: str) -> None:
+        """End the channel: pending calls fail with `reason`, the reader stops (even one
+        that never ran), the socket closes."""
         self._fail_pending(reason)
         self._reader.cancel()
         await self.channel.close()
-        return PeerLost(step, reason)
 
     def _fail_pending(self, reason: str) -> None:
         if self._closed_reason is None:
@@ -357,32 +364,31 @@ class PeerClient:
             fut.set_result(msg)
         return None
 
-    def _wait_on_socket(self, fut: asyncio.Future[dict[str, Any]], limit: float) -> None:
+    def _wait_on_socket(self, fut: asyncio.Future[dict[str, Any]], limit: float) -> str | None:
         """Read replies straight off the channel until `fut` has its own or `limit` seconds
         pass (the loop is held meanwhile). A channel that fails to read is left to the reader
-        task, which meets the same error on its next read; a reply that ends the channel
-        ends it here, as the reader would."""
+        task, which meets the same error on its next read. Returns the reason if a reply
+        ends the channel (the caller then shuts it, as the reader would)."""
         recv_now = getattr(self.channel, "recv_now", None)
         if recv_now is None:
-            return
+            return None
         deadline = time.monotonic() + limit
         while not fut.done():
             left = deadline - time.monotonic()
             try:
                 msg = recv_now(left) if left > 0 else None
             except (WireError, OSError):
-                return
+                return None
             if msg is None:
-                return
+                return None
             try:
                 closing = self._deliver(msg)
             except ProtocolViolation as e:
                 closing = f"protocol violation by peer: {e}"
                 log.warning("R channel %r closed: %s", self.channel, closing)
             if closing is not None:
-                self._fail_pending(closing)
-                self._reader.cancel()  # its cleanup closes the channel
-                return
+                return closing
+        return None
 
 
 class _Lost(Exception):

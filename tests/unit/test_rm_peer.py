@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
@@ -505,28 +506,49 @@ def test_trouble_met_while_waiting_on_the_socket_fails_the_call_at_once(
     """Inside the freeze window the transfer's reply is read off the socket (no loop trip);
     a reply there that ends the channel must fail the call then, not at its timeout."""
 
-    async def closer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_frame(reader)
-        frame = struct.pack(">I", 3) + b"\xc1\xc1\xc1" if answer is None else encode_frame(answer)
-        writer.write(frame)
-        await writer.drain()
-        await reader.read()
+    # The peer answers from its own thread: the client holds its loop while it waits on
+    # the socket, so a server on that loop could not answer in time.
+    lsock = socket.create_server(("127.0.0.1", 0))
+    port = lsock.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = lsock.accept()
+        with conn:
+            (n,) = struct.unpack(">I", _recv_exactly(conn, 4))
+            _recv_exactly(conn, n)  # the transfer request
+            frame = (
+                struct.pack(">I", 3) + b"\xc1\xc1\xc1" if answer is None else encode_frame(answer)
+            )
+            conn.sendall(frame)
+            conn.recv(1)  # until the client hangs up
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
 
     async def main() -> None:
-        server = await asyncio.start_server(closer, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        try:
-            peer = await client(port, call_timeout=30)
-            t0 = time.monotonic()
-            with pytest.raises(PeerLost, match=match):
-                await peer.transfer_and_activate("r1", b"doc")
-            assert time.monotonic() - t0 < 1.0
-            await until(lambda: peer.closed, "the client channel to close")
-        finally:
-            server.close()
-            await server.wait_closed()
+        peer = await client(port, call_timeout=30)
+        t0 = time.monotonic()
+        with pytest.raises(PeerLost, match=match):
+            await peer.transfer_and_activate("r1", b"doc")
+        assert time.monotonic() - t0 < 1.0
+        assert peer.closed
+        # Its socket is closed too (the peer sees EOF): even a reader that never ran.
+        await until(lambda: not server.is_alive(), "the client to hang up")
 
-    asyncio.run(asyncio.wait_for(main(), 10))
+    try:
+        asyncio.run(asyncio.wait_for(main(), 10))
+    finally:
+        server.join(5)
+        lsock.close()
+
+
+def _recv_exactly(conn: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        assert chunk, "client hung up early"
+        data += chunk
+    return data
 
 
 # -- hostile bytes -----------------------------------------------------------------------------
