@@ -977,7 +977,7 @@ class ApplicationAdapter:
         flows: list[tuple[str, str]],
         *,
         prepared: bool,
-    ) -> Awaitable[None]:
+    ) -> Awaitable[object]:
         """SetState, split: the state goes to the importer now, the awaitable waits for its
         answer. `prepared`: the importer holds the sockets already (the transports may still
         be restoring them); otherwise the session's restored sockets go with the state."""
@@ -1006,11 +1006,7 @@ class ApplicationAdapter:
         )
         session.app_id = app_id
         session.app_state = blob
-
-        async def imported() -> None:
-            await answer
-
-        return imported()
+        return answer
 
     async def resume(self, session: ServiceSession, role: Role) -> None:
         await self.server.resume(_app(session), session.session_id)

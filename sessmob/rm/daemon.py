@@ -88,8 +88,7 @@ class RelocationManager:
         self.tcp = TcpAdapter()
         self.udp = UdpAdapter() if "udp" in cfg.adapters else None
         # The transport adapters in the order every primitive visits them.
-        self.transports: list[Adapter] = [self.tcp, *([self.udp] if self.udp else [])]
-        self._socket_makers: list[TcpAdapter | UdpAdapter] = [
+        self.transports: list[TcpAdapter | UdpAdapter] = [
             self.tcp,
             *([self.udp] if self.udp else []),
         ]
@@ -420,7 +419,8 @@ class RelocationManager:
         the plain import (sockets made, then handed over, inside the window)."""
         made: dict[str, tuple[str, socket.socket]] = {}
         try:
-            for maker in self._socket_makers:
+            self._fault("import", self.app, "prepare")
+            for maker in self.transports:
                 for fid, sock in maker.prepare_sockets(offer).items():
                     if fid in made:
                         sock.close()
@@ -475,13 +475,20 @@ class RelocationManager:
         inc.prepared = {}
         # Address first (restored sockets bind to it), the application last (it gets the
         # restored sockets and the state, but uses them only after activation).
-        for a in (self.net, *carrying, self.app):
+        await self._set_states(inc, s, doc, [self.net, *carrying, self.app])
+        inc.set_state_ms = round((time.perf_counter() - t) * 1e3, 3)
+
+    async def _set_states(
+        self, inc: _Incoming, s: ServiceSession, doc: ExchangeDoc, adapters: list[Adapter]
+    ) -> None:
+        """SetState on `adapters` in order, each timed (`inc.parts`) and noted in `inc.done`
+        (what a discard must undo)."""
+        for a in adapters:
             inc.done.append(a)
             self._fault("import", a, "set_state")
             t_a = time.perf_counter()
             await a.set_state(s, doc)
             inc.parts[f"set_state_{a.name}_ms"] = round((time.perf_counter() - t_a) * 1e3, 3)
-        inc.set_state_ms = round((time.perf_counter() - t) * 1e3, 3)
 
     async def _set_state_prepared(
         self, inc: _Incoming, s: ServiceSession, doc: ExchangeDoc, carrying: list[Adapter]
@@ -495,12 +502,7 @@ class RelocationManager:
         t_app = time.perf_counter()
         imported = await self.app.start_set_state(s, doc, flows, prepared=True)
         try:
-            for a in (self.net, *carrying):
-                inc.done.append(a)
-                self._fault("import", a, "set_state")
-                t_a = time.perf_counter()
-                await a.set_state(s, doc)
-                inc.parts[f"set_state_{a.name}_ms"] = round((time.perf_counter() - t_a) * 1e3, 3)
+            await self._set_states(inc, s, doc, [self.net, *carrying])
         except BaseException:
             with contextlib.suppress(Exception):
                 await imported  # the importer finishes before it is told to drop the session

@@ -83,12 +83,30 @@ def start_session(
 def test_echo_session_moves_fifty_times(bed: RmBed) -> None:
     before = cn_counters(bed.tb)
     sid, c = start_session(bed, ("--tcp", "1", "--rate", "1000000"), duration=40)
-    back_and_forth(bed, sid, 50, 0.05)
+    replies = back_and_forth(bed, sid, 50, 0.05)
+    # The importer held the sockets before the freeze (the prepared import) every time.
+    assert all("set_state_application_wait_ms" in r["importer_steps"] for r in replies)
     c.terminate()
     rep = report(c)
     assert rep["ok"], rep
     assert rep["tx_bytes"] == rep["rx_bytes"] > 0
     assert CnCounters.between(before, cn_counters(bed.tb)).resets == 0
+
+
+def test_plain_import_when_the_importer_could_not_be_prepared(fresh_lan: Testbed) -> None:
+    """If handing the sockets over at the reservation fails, the move still works: the
+    sockets are made inside the window and sent along with the state (the plain import)."""
+    fault = '[faults]\nfail = ["import:application.prepare"]\n'
+    with RmBed(fresh_lan, extra={"ed": fault, "id": fault}) as bed:
+        sid, c = start_session(bed, ("--tcp", "2", "--rate", "1000000"), duration=20)
+        for r in back_and_forth(bed, sid, 6, 0.05):
+            assert "set_state_application_wait_ms" not in r["importer_steps"], r
+            assert "set_state_application_ms" in r["importer_steps"], r
+        c.terminate()
+        rep = report(c)
+        assert rep["ok"], rep
+        assert all(f["tx_bytes"] == f["rx_bytes"] > 0 for f in rep["tcp"]), rep["tcp"]
+        assert "import not prepared" in bed.log("id")
 
 
 def test_three_tcp_and_one_udp_flow_move(bed: RmBed) -> None:
