@@ -1,7 +1,7 @@
 """What an application imports to become migratable.
 
-    kit = AppKit.connect(rm_socket, "echo", importer_types=["echo"],
-                         on_suspend=..., on_import=..., on_resume=..., on_shutdown=...)
+    kit = AppKit.connect(rm_socket, "echo", importer_types=["echo"], on_suspend=...,
+                         on_prepare=..., on_import=..., on_resume=..., on_shutdown=...)
     s = kit.create_session("echo")            # the RM gives the session its own address
     sock.bind((s.address, port)) ...          # bind the session's sockets to it
     kit.add_flow(s.session_id, sock)          # the RM takes a duplicate of the socket
@@ -13,6 +13,12 @@ the application's requests are matched there, and the RM's requests run the call
 thread*, one at a time, in the order the RM sent them:
 
     on_suspend(session_id) -> bytes     stop touching the session's sockets, return its state
+    on_prepare(session_id, session_type)
+                                        optional: an import of this session may follow
+                                        (the RM holds a reservation for it). Runs before the
+                                        freeze window: get ready there (start threads,
+                                        allocate) so that on_import and on_resume stay short.
+                                        It may never be followed by an import.
     on_import(session_id, session_type, state, flows)
                                         adopt an arriving session; flows are ImportedFlow
                                         (flow_id, kind, sock) — sockets still frozen (TCP repair
@@ -119,6 +125,7 @@ class ImportedFlow(NamedTuple):
 
 SuspendCb = Callable[[str], bytes]
 ImportCb = Callable[[str, str, bytes, list[ImportedFlow]], None]
+PrepareCb = Callable[[str, str], None]
 SessionCb = Callable[[str], None]
 
 
@@ -145,6 +152,7 @@ class AppKit(Closing):
         *,
         importer_types: Sequence[str] = (),
         on_suspend: SuspendCb | None = None,
+        on_prepare: PrepareCb | None = None,
         on_import: ImportCb | None = None,
         on_resume: SessionCb | None = None,
         on_shutdown: SessionCb | None = None,
@@ -159,6 +167,7 @@ class AppKit(Closing):
         self.limits: Limits = DEFAULT_LIMITS  # the RM's, after hello
         self._sock = sock
         self._on_suspend = on_suspend
+        self._on_prepare = on_prepare
         self._on_import = on_import
         self._on_resume = on_resume
         self._on_shutdown = on_shutdown
@@ -186,6 +195,7 @@ class AppKit(Closing):
         *,
         importer_types: Iterable[str] = (),
         on_suspend: SuspendCb | None = None,
+        on_prepare: PrepareCb | None = None,
         on_import: ImportCb | None = None,
         on_resume: SessionCb | None = None,
         on_shutdown: SessionCb | None = None,
@@ -218,6 +228,7 @@ class AppKit(Closing):
             name,
             importer_types=list(importer_types),
             on_suspend=on_suspend,
+            on_prepare=on_prepare,
             on_import=on_import,
             on_resume=on_resume,
             on_shutdown=on_shutdown,
@@ -466,14 +477,18 @@ class AppKit(Closing):
         stay unused until on_import, and are closed if the import does not come)."""
         sid: str = msg.body["session_id"]
         flows = self._adopt_fds(msg)
-        with self._lock:
-            running = sid in self._sessions
-            old = None if running else self._prepared.pop(sid, None)
-            if not running:
-                self._prepared[sid] = flows
-        if running:
+        try:
+            with self._lock:
+                if sid in self._sessions:
+                    raise AppKitError(f"session {sid!r} already runs in this application")
+            if self._on_prepare is not None:
+                self._on_prepare(sid, msg.body["session_type"])
+        except BaseException:
             _close_all(flows)
-            raise AppKitError(f"session {sid!r} already runs in this application")
+            raise
+        with self._lock:
+            old = self._prepared.pop(sid, None)
+            self._prepared[sid] = flows
         if old:
             _close_all(old)
         return {}

@@ -171,16 +171,25 @@ class EchoSession:
             self._new.append(flow)
         self._poke()
 
+    def start_parked(self) -> None:
+        """Start the worker parked, ahead of an import: resume() then only lets it go, and
+        no thread is started inside the freeze window."""
+        with self._cv:
+            self._pause_req = True
+        self.start()
+
     def pause(self, timeout: float = _PARK_TIMEOUT) -> None:
         """Stop the worker from touching any socket; returns as soon as that holds.
 
         The worker touches sockets only while holding the I/O lock, and checks the pause flag
-        each time it takes it. So setting the flag and passing through the lock once is enough:
-        a worker idle in epoll is not even woken on the critical path (it parks later).
+        each time it takes it. So setting the flag and passing through the lock once is enough.
+        A worker idle in epoll is not woken: it would take the CPU (and the GIL) from the
+        suspend inside the freeze window. It parks at its next wake-up — stop() and resume()
+        wake it; until then its epoll holds the sockets, which are frozen or resumed as they
+        are, never replaced.
         """
         with self._cv:
             self._pause_req = True
-        self._poke()
         if not self._io.acquire(timeout=timeout):
             raise EchoError(f"echo session {self.name} did not pause within {timeout:g} s")
         self._io.release()
@@ -452,6 +461,7 @@ class EchoServer:
         self.session: SessionHandle | None = None  # the one this process created
         self.sessions: dict[str, EchoSession] = {}
         self.local = EchoSession(None)  # connections to other addresses: echoed, never moved
+        self._spare: EchoSession | None = None  # a parked worker for the next import
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._stopping = False
@@ -473,6 +483,7 @@ class EchoServer:
             self.name,
             importer_types=[SESSION_TYPE],
             on_suspend=self._on_suspend,
+            on_prepare=self._on_prepare,
             on_import=self._on_import,
             on_resume=self._on_resume,
             on_shutdown=self._on_shutdown,
@@ -504,7 +515,8 @@ class EchoServer:
         with self._lock:
             sessions = list(self.sessions.values())
             self.sessions.clear()
-        for es in [*sessions, self.local]:
+            spare, self._spare = self._spare, None
+        for es in [*sessions, self.local, *([spare] if spare else [])]:
             es.stop()
         if self.kit is not None:
             self.kit.close()
@@ -626,6 +638,17 @@ class EchoServer:
         es.pause()
         return es.export()
 
+    def _on_prepare(self, session_id: str, session_type: str) -> None:
+        # Before the freeze: the worker thread of the session that may arrive starts now,
+        # parked, so that neither the import nor the resume start a thread.
+        if session_type != SESSION_TYPE:
+            raise EchoError(f"cannot import a session of type {session_type!r}")
+        with self._lock:
+            if self._spare is not None or self._stopping:
+                return
+            self._spare = EchoSession(None, on_finished=self._flow_finished)
+            self._spare.start_parked()
+
     def _on_import(
         self, session_id: str, session_type: str, state: bytes, flows: list[ImportedFlow]
     ) -> None:
@@ -635,13 +658,21 @@ class EchoServer:
             if session_id in self.sessions:
                 raise EchoError(f"session {session_id} already runs here")
         saved = _parse_state(state)
-        es = EchoSession(session_id, on_finished=self._flow_finished)
-        for flow_id, kind, sock in flows:
-            f = EchoFlow.adopt(flow_id, kind, sock, saved.get(flow_id))
-            if f.finished:
-                es.finished.append(f)
-            else:
-                es.add(f)
+        with self._lock:
+            es, self._spare = self._spare, None
+        if es is None:  # not prepared (the plain import): its worker starts at resume
+            es = EchoSession(None, on_finished=self._flow_finished)
+        es.session_id = session_id
+        try:
+            for flow_id, kind, sock in flows:
+                f = EchoFlow.adopt(flow_id, kind, sock, saved.get(flow_id))
+                if f.finished:
+                    es.finished.append(f)
+                else:
+                    es.add(f)
+        except BaseException:
+            es.stop()  # its worker, if prepared (the kit closes the sockets)
+            raise
         with self._lock:
             self.sessions[session_id] = es
         # Logged at debug level only: this runs inside the migration's freeze window.

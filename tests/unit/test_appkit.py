@@ -363,6 +363,41 @@ def test_prepared_sockets_are_dropped_when_no_import_or_a_plain_one_comes(
         x.close()
 
 
+def test_on_prepare_runs_at_prepare_and_its_failure_refuses_the_prepare(
+    lt: LoopThread, devices: Callable[..., Device], kits: list[AppKit]
+) -> None:
+    """on_prepare lets the application get ready before the freeze; if it raises, the
+    prepare fails (the RM then uses the plain import) and the kit keeps no sockets."""
+    id_ = devices("id")
+    b = Recorder()
+    prepared: list[tuple[str, str]] = []
+    refuse = {"s2"}
+
+    def on_prepare(sid: str, stype: str) -> None:
+        if sid in refuse:
+            raise RuntimeError("no room for it")
+        prepared.append((sid, stype))
+
+    kit = AppKit.connect(
+        str(id_.path), "importer", importer_types=["demo"], on_prepare=on_prepare,
+        on_import=b.on_import, on_resume=b.on_resume, on_shutdown=b.on_shutdown, timeout=WAIT,
+    )  # fmt: skip
+    kits.append(kit)
+    app = kit.app_id or ""
+    client, conn = tcp_pair()
+    before = fd_count()
+    lt.run(id_.server.prepare(app, "s1", "demo", [("f0", "tcp", conn.fileno())]))
+    assert prepared == [("s1", "demo")]
+    with pytest.raises(AppError, match="no room for it"):
+        lt.run(id_.server.prepare(app, "s2", "demo", [("f0", "tcp", conn.fileno())]))
+    assert prepared == [("s1", "demo")]
+    lt.run(id_.server.discard_prepared("s1"))
+    assert wait_for(lambda: fd_count() == before)  # neither prepare left a copy behind
+    assert b.calls == []
+    client.close()
+    conn.close()
+
+
 def test_prepared_import_without_or_with_other_sockets_is_refused(
     lt: LoopThread, importer: tuple[Device, Recorder, str]
 ) -> None:
@@ -923,5 +958,34 @@ def test_echo_state_survives_export_and_adopt() -> None:
         EchoFlow.adopt("f0", "udp", u, saved["f0"])
     with pytest.raises(EchoError, match="unknown version"):
         _parse_state(msgpack.packb({"v": 9}))
+    es.stop()
+    b.close()
+
+
+def test_echo_worker_started_parked_serves_only_after_resume_and_pause_holds() -> None:
+    """An imported session's worker starts parked (before the freeze): it touches no socket
+    until resume(). pause() returns with the worker off the sockets without waking it, and
+    the worker parks at its next wake-up."""
+    from sessmob.apps.echo import EchoFlow, EchoSession
+
+    a, b = socket.socketpair()
+    es = EchoSession(None)
+    es.start_parked()
+    assert wait_for(lambda: es.stats()["parked"])
+    es.session_id = "s1"
+    es.add(EchoFlow("f0", "tcp", a))
+    b.sendall(b"early")
+    time.sleep(0.05)
+    assert es.flows == [] and a.recv(5, socket.MSG_PEEK) == b"early"  # untouched while parked
+    es.resume()
+    b.settimeout(WAIT)
+    assert b.recv(5) == b"early"
+    es.pause()
+    b.sendall(b"while paused")
+    assert wait_for(lambda: es.stats()["parked"])  # woken by the data, it parked
+    time.sleep(0.05)
+    assert a.recv(64, socket.MSG_PEEK) == b"while paused"  # and echoed nothing
+    es.resume()
+    assert b.recv(64) == b"while paused"
     es.stop()
     b.close()
