@@ -37,7 +37,7 @@ from sessmob.hotpath import gc_paused, settle
 from sessmob.rm.config import Config, ConfigError, load
 from sessmob.rm.control import ControlServer, MoveError
 from sessmob.rm.peer import ABORT, PeerClient, PeerError, Reservation, serve_peers
-from sessmob.rm.transport import PlainTransport
+from sessmob.rm.transport import Listener, PlainTransport
 from sessmob.session import Flow, FlowKind, ServiceSession, SessionState
 
 log = logging.getLogger("sessmob.rm")
@@ -110,7 +110,7 @@ class RelocationManager:
         self.control = ControlServer(
             os.path.join(cfg.state_dir, "control.sock"), self, allowed_uids=cfg.allowed_uids
         )
-        self._peer_server: asyncio.AbstractServer | None = None
+        self._peer_server: Listener | None = None
         self._background: set[asyncio.Future[None]] = set()
 
     # -- life -----------------------------------------------------------------------------

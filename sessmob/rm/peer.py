@@ -35,13 +35,14 @@ from typing import Any, Protocol
 
 from sessmob.adapters.base import Refused, TransferOffer
 from sessmob.hotpath import gc_paused
-from sessmob.rm.transport import Channel, Transport
+from sessmob.rm.transport import Channel, Listener, Transport
 from sessmob.rm.wire import WireError, field
 
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 SOCKET_WAIT = 0.05  # seconds a call inside the freeze window waits on the socket, loop held
+TRANSFER_WAIT = 0.02  # seconds ID waits on the socket for the transfer after a reservation
 
 CHECK = "CheckPreconditions"
 TRANSFER = "InitiateSessionTransfer"
@@ -403,9 +404,7 @@ class _Lost(Exception):
 # ID side
 
 
-async def serve_peers(
-    transport: Transport, host: str, port: int, handler: PeerHandler
-) -> asyncio.AbstractServer:
+async def serve_peers(transport: Transport, host: str, port: int, handler: PeerHandler) -> Listener:
     """Accept other RMs on host:port and run their requests against `handler`."""
     registry = _Registry()
 
@@ -473,26 +472,35 @@ class _PeerSession:
         self.reg = registry
 
     async def run(self) -> None:
+        msg: dict[str, Any] | None = None
         try:
             while True:
                 try:
-                    msg = await self.ch.recv()
+                    if msg is None:
+                        msg = await self.ch.recv()
+                    reply = await self._dispatch(msg)
                 except ConnectionError:
                     return
-                except WireError as e:
-                    await self._bye(str(e))
-                    return
-                try:
-                    reply = await self._dispatch(msg)
-                except WireError as e:  # ProtocolViolation: a well-framed but invalid request
+                except WireError as e:  # a bad frame, or a well-framed but invalid request
                     await self._bye(str(e))
                     return
                 try:
                     await self.ch.send(reply)
                 except OSError:
                     return
+                try:
+                    msg = self._transfer_now() if reply["t"] == "reserved" else None
+                except (ConnectionError, WireError):
+                    msg = None  # the next recv() meets it again and reports it
         finally:
             await self._abort_open()
+
+    def _transfer_now(self) -> dict[str, Any] | None:
+        """After a reservation the transfer usually follows within a millisecond or two: wait
+        for it on the socket (a bounded stretch, loop held), so that the freeze window does
+        not begin with a trip through the event loop. None: nothing came, use recv()."""
+        recv_now = getattr(self.ch, "recv_now", None)
+        return recv_now(TRANSFER_WAIT) if recv_now is not None else None
 
     async def _abort_open(self) -> None:
         # The exporting RM can no longer activate these (they are bound to this channel):

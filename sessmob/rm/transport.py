@@ -10,7 +10,6 @@ the authenticated device in `Channel.peer_name`, so the flow code never changes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import select
 import socket
@@ -18,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from sessmob.rm.wire import HEADER_LEN, MAX_FRAME, WireError, decode_frame, encode_frame, read_frame
+from sessmob.rm.wire import HEADER_LEN, MAX_FRAME, WireError, decode_frame, encode_frame
 
 log = logging.getLogger(__name__)
 
@@ -50,50 +49,20 @@ class Transport(Protocol):
 
     async def serve(
         self, host: str, port: int, on_channel: Callable[[Channel], Awaitable[None]]
-    ) -> asyncio.AbstractServer:
+    ) -> Listener:
         """Listen; run `on_channel` for each accepted channel and close it when that returns."""
         ...
 
 
-class PlainChannel:
-    """A Channel over one TCP stream, without encryption or authentication."""
+class Listener(Protocol):
+    """What `Transport.serve` returns (the part of asyncio.Server that RMs use)."""
 
-    def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        *,
-        max_frame: int = MAX_FRAME,
-    ) -> None:
-        self.peer_name: str | None = None
-        self._reader = reader
-        self._writer = writer
-        self._max_frame = max_frame
-        self._closed = False
-        peer = writer.get_extra_info("peername")
-        self.peer_address: str = _fmt_addr(peer)
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]: ...
 
-    async def send(self, msg: dict[str, Any]) -> None:
-        if self._closed or self._writer.is_closing():
-            raise ConnectionError(f"channel to {self.peer_address} is closed")
-        self._writer.write(encode_frame(msg))
-        await self._writer.drain()
+    def close(self) -> None: ...
 
-    async def recv(self) -> dict[str, Any]:
-        if self._closed:
-            raise ConnectionError(f"channel to {self.peer_address} is closed")
-        return await read_frame(self._reader, self._max_frame)
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._writer.close()
-        with contextlib.suppress(OSError, asyncio.CancelledError):
-            await self._writer.wait_closed()
-
-    def __repr__(self) -> str:
-        return f"<PlainChannel {self.peer_address}{' closed' if self._closed else ''}>"
+    async def wait_closed(self) -> None: ...
 
 
 class SocketChannel:
@@ -101,8 +70,9 @@ class SocketChannel:
 
     Besides `recv`, it offers `recv_now(timeout)`: read the next frame synchronously, holding
     the event loop. The exporting RM uses it to wait for the importing RM's answer inside the
-    freeze window, where a trip through the loop (reader callback, future, task step) costs
-    more than the wait itself. Both read the same buffer, so they can be mixed freely.
+    freeze window, the importing RM to wait for the transfer that follows a reservation: there
+    a trip through the loop (reader callback, future, task step) costs more than the wait
+    itself. Both read the same buffer, so they can be mixed freely. Used on both ends.
     """
 
     def __init__(self, sock: socket.socket, *, max_frame: int = MAX_FRAME) -> None:
@@ -238,13 +208,6 @@ def _fmt_addr(addr: Any) -> str:
     return str(addr)
 
 
-def _nodelay(writer: asyncio.StreamWriter) -> None:
-    # Requests inside the freeze window are tiny and latency-bound: never let Nagle hold them.
-    sock = writer.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 class PlainTransport:
     """TCP with length-prefixed msgpack frames: for tests and until the secure channel lands."""
 
@@ -274,15 +237,81 @@ class PlainTransport:
 
     async def serve(
         self, host: str, port: int, on_channel: Callable[[Channel], Awaitable[None]]
-    ) -> asyncio.AbstractServer:
-        async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            ch = PlainChannel(reader, writer, max_frame=self.max_frame)
-            try:
-                _nodelay(writer)
-                await on_channel(ch)
-            except Exception:
-                log.exception("R channel from %s failed", ch.peer_address)
-            finally:
-                await ch.close()
+    ) -> SocketListener:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(128)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return SocketListener(sock, on_channel, self.max_frame)
 
-        return await asyncio.start_server(accepted, host, port)
+
+class SocketListener:
+    """A listening socket whose accepted connections become SocketChannels, each handed to
+    `on_channel` in its own task and closed when that returns."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        on_channel: Callable[[Channel], Awaitable[None]],
+        max_frame: int,
+    ) -> None:
+        self._sock = sock
+        self._on_channel = on_channel
+        self._max_frame = max_frame
+        self._loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._loop.add_reader(sock.fileno(), self._accept)
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return () if self._closed else (self._sock,)
+
+    def close(self) -> None:
+        """Stop accepting (channels already accepted run on, as with asyncio.Server)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+
+    async def wait_closed(self) -> None:
+        return None
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # e.g. EMFILE: log, and let the loop call again
+                log.warning("R listener: accept failed: %s", e)
+                return
+            try:
+                conn.setblocking(False)
+                # Requests inside the freeze window are tiny and latency-bound: no Nagle.
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                ch = SocketChannel(conn, max_frame=self._max_frame)
+            except OSError as e:  # the peer went already
+                log.warning("R listener: accepted connection unusable: %s", e)
+                conn.close()
+                continue
+            task = self._loop.create_task(self._run(ch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, ch: SocketChannel) -> None:
+        try:
+            await self._on_channel(ch)
+        except Exception:
+            log.exception("R channel from %s failed", ch.peer_address)
+        finally:
+            await ch.close()

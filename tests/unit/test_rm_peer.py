@@ -19,6 +19,7 @@ from typing import Any, cast
 import msgpack
 import pytest
 
+import sessmob.rm.peer as peer_mod
 from sessmob.adapters.base import Refused, TransferOffer
 from sessmob.rm.peer import (
     PROTOCOL_VERSION,
@@ -641,3 +642,99 @@ def test_many_raw_sockets_sending_random_bytes_do_not_stop_the_server() -> None:
 
     h = run(scenario)
     assert h.names()[-2:] == ["transfer", "activate"]
+
+
+# -- ID waits on the socket for the transfer after a reservation ------------------------------
+
+
+def _spy_transfer_now(monkeypatch: pytest.MonkeyPatch) -> list[str | None]:
+    """What each wait after a reservation returned: the message type, None for nothing, or
+    the exception's name."""
+    seen: list[str | None] = []
+    real = peer_mod._PeerSession._transfer_now
+
+    def spy(self: Any) -> dict[str, Any] | None:
+        try:
+            msg = real(self)
+        except Exception as e:
+            seen.append(type(e).__name__)
+            raise
+        seen.append(None if msg is None else msg["t"])
+        return msg
+
+    monkeypatch.setattr(peer_mod._PeerSession, "_transfer_now", spy)
+    return seen
+
+
+def test_the_transfer_after_a_reservation_is_taken_straight_off_the_socket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client runs on its own thread and loop: the server holds its loop while it waits."""
+    seen = _spy_transfer_now(monkeypatch)
+
+    async def move(port: int) -> None:
+        async with await client(port) as peer:
+            res = await peer.check_preconditions(OFFER)
+            await peer.transfer_and_activate(res.reservation_id, b"doc")
+
+    async def scenario(h: FakeHandler, port: int) -> None:
+        await asyncio.to_thread(asyncio.run, move(port))
+
+    h = run(scenario)
+    assert seen == ["transfer"]
+    assert h.names() == ["check", "transfer", "activate"]
+
+
+def test_a_transfer_later_than_the_wait_goes_through_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen = _spy_transfer_now(monkeypatch)
+    monkeypatch.setattr(peer_mod, "TRANSFER_WAIT", 0.001)
+
+    async def scenario(h: FakeHandler, port: int) -> None:
+        async with await client(port) as peer:
+            res = await peer.check_preconditions(OFFER)
+            await asyncio.sleep(0.05)
+            await peer.transfer_and_activate(res.reservation_id, b"doc")
+
+    h = run(scenario)
+    assert seen == [None]
+    assert h.names() == ["check", "transfer", "activate"]
+
+
+@pytest.mark.parametrize("after", ["bad-frame", "hang-up"])
+def test_trouble_met_while_waiting_for_the_transfer_ends_only_that_channel(
+    monkeypatch: pytest.MonkeyPatch, after: str
+) -> None:
+    """A bad frame or a hang-up met while waiting on the socket for the transfer: the channel
+    ends (with the reason, where it can still be framed) and its reservation is aborted. The
+    raw client is a blocking socket on another thread, so it is met inside the wait."""
+    seen = _spy_transfer_now(monkeypatch)
+
+    def misbehave(port: int) -> list[dict[str, Any]]:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            offer = {"t": "check", "id": 1, "v": PROTOCOL_VERSION, "offer": GOOD_OFFER}
+            s.sendall(encode_frame(offer))
+            f = s.makefile("rb")
+            frames = [msgpack.unpackb(f.read(struct.unpack(">I", f.read(4))[0]))]
+            if after == "hang-up":
+                return frames
+            s.sendall(HOSTILE["undecodable"])
+            while head := f.read(4):
+                frames.append(msgpack.unpackb(f.read(struct.unpack(">I", head)[0])))
+            return frames
+
+    async def scenario(h: FakeHandler, port: int) -> None:
+        frames = await asyncio.to_thread(misbehave, port)
+        assert frames[0]["t"] == "reserved"
+        if after == "bad-frame":
+            assert [f["t"] for f in frames[1:]] == ["error"]
+            assert "undecodable" in frames[1]["reason"]
+        await until(lambda: "abort" in h.names(), "the reservation aborted")
+        async with await client(port) as fresh:  # the server goes on
+            await fresh.check_preconditions(OFFER)
+
+    h = run(scenario)
+    assert h.names()[:2] == ["check", "abort"]
+    # met inside the wait; the fresh client's wait ends empty (it shares the server's loop)
+    assert seen == ["WireError" if after == "bad-frame" else "ConnectionError", None]
