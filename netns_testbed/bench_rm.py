@@ -31,6 +31,7 @@ from typing import Any
 from sessmob.netns import entered, socket_in
 from sessmob.rm.control import ControlError
 
+from . import coldprobe
 from .bench import SCENARIOS, SCHEMA_VERSION, _intact, _ms, machine_info, print_table, run_scenario
 from .counters import CnCounters, read_tcp_counters
 from .rmbed import RmBed
@@ -200,6 +201,7 @@ def run(runs: int, interval: float, log: Any = sys.stderr) -> dict[str, Any]:
     )
     r["floor"] = floor
     r["targets"] = dict(TARGETS)
+    r["python_after_pause"] = coldprobe.measure()
     return r
 
 
@@ -277,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     if r["importer_phases_ms"]:
         parts = ", ".join(f"{k} {v['median']:.3f}" for k, v in r["importer_phases_ms"].items())
         print(f"on the importing device (median ms): {parts}")
+    cp = r["python_after_pause"]
+    print(
+        f"this machine: Python paused {cp['pause_ms']:g} ms runs {cp['ratio']}x slower than"
+        f" warm ({cp['workload']}: {cp['warm_us']} us warm, {cp['after_pause_us']} us after"
+        " the pause); every step inside the window is such code, in a process just woken"
+    )
     for p in r["problems"]:
         print(f"problem: {p}")
     if args.json:

@@ -113,3 +113,12 @@ def test_table_prints_a_scenario_without_freeze_to_restored() -> None:
     assert row[:4] == ["rm-echo-addr", "5", "1.500/4.000", "-"]
     assert row[-1] == "met"
     assert "rm-echo-addr: Suspend 0.500" in out.getvalue()
+
+
+def test_cold_probe_times_the_same_workload_warm_and_after_a_pause() -> None:
+    from netns_testbed import coldprobe
+
+    r = coldprobe.measure(runs=5, pause=0.002)
+    assert r["pause_ms"] == 2.0 and "exchange.decode" in r["workload"]
+    assert 0 < r["warm_us"] < 10_000 and 0 < r["after_pause_us"] < 100_000
+    assert abs(r["ratio"] - r["after_pause_us"] / r["warm_us"]) < 0.2
