@@ -83,7 +83,9 @@ class SocketChannel:
         self._buf = bytearray()
         self._eof = False
         self._closed = False
-        self._waiter: asyncio.Future[None] | None = None
+        # One waiter per direction: the client's reader task waits to read while a call may
+        # wait to write (a frame larger than the socket's buffer).
+        self._waiters: dict[bool, asyncio.Future[None]] = {}  # writable? -> waiter
         self._poll = select.poll()
         self._poll.register(sock.fileno(), select.POLLIN)
         self.peer_address: str = _fmt_addr(sock.getpeername())
@@ -129,7 +131,8 @@ class SocketChannel:
         fd = self._sock.fileno()
         self._loop.remove_reader(fd)
         self._loop.remove_writer(fd)
-        self._wake()
+        self._wake(False)
+        self._wake(True)
         self._sock.close()
 
     def _frame(self) -> dict[str, Any] | None:
@@ -176,23 +179,24 @@ class SocketChannel:
     async def _ready(self, *, writable: bool) -> None:
         fd = self._sock.fileno()
         fut = self._loop.create_future()
-        self._waiter = fut
+        self._waiters[writable] = fut
         add, remove = (
             (self._loop.add_writer, self._loop.remove_writer)
             if writable
             else (self._loop.add_reader, self._loop.remove_reader)
         )
-        add(fd, self._wake)
+        add(fd, self._wake, writable)
         try:
             await fut
         finally:
-            self._waiter = None
+            self._waiters.pop(writable, None)
             if not self._closed:
                 remove(fd)
 
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+    def _wake(self, writable: bool) -> None:
+        fut = self._waiters.get(writable)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
     def __repr__(self) -> str:
         return f"<SocketChannel {self.peer_address}{' closed' if self._closed else ''}>"

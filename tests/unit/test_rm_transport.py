@@ -161,3 +161,28 @@ def test_send_waits_for_room_when_the_socket_is_full() -> None:
         assert bytes(got) == encode_frame(big)
 
     run(scenario, max_frame=8 << 20)
+
+
+def test_a_send_that_waits_for_room_does_not_strand_a_waiting_recv() -> None:
+    """The client's reader task waits in recv() while a call sends: a frame larger than the
+    socket's buffer makes the send wait for room too. Both waits must be woken by their own
+    event (a shared waiter let the send's overwrite the reader's: the reply then never came)."""
+
+    async def scenario(ch: SocketChannel, peer: socket.socket) -> None:
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader = asyncio.ensure_future(ch.recv())
+        await asyncio.sleep(0.01)  # the reader waits for the socket to become readable
+        big = msg(1, p=b"x" * (4 << 20))
+        sender = asyncio.ensure_future(ch.send(big))
+        await asyncio.sleep(0.05)
+        assert not sender.done()  # the peer reads nothing yet: the send waits for room
+        peer.sendall(encode_frame(msg(2)))  # the reply arrives meanwhile
+        assert await asyncio.wait_for(reader, 1) == msg(2)
+        want = len(encode_frame(big))
+        got = 0
+        peer.setblocking(False)
+        while got < want:  # the peer drains: the send completes
+            got += len(await asyncio.get_running_loop().sock_recv(peer, 1 << 20))
+        await asyncio.wait_for(sender, 2)
+
+    run(scenario, max_frame=8 << 20)
