@@ -16,6 +16,7 @@ SCENARIO_KEYS = {
     "move_wall_ms", "cn_stall_ms", "baseline_cn_stall_ms", "stall_ratio_to_baseline",
     "bytes_lost", "bytes_duplicated", "bytes_verified", "problems", "cn_resets", "cn_rto_count",
     "cn_tlp_count", "cn_retrans_segs", "floor_ms", "ratio_to_floor", "floor", "targets",
+    "python_after_pause",
 }  # fmt: skip
 IN_T_MIG = ("Suspend", "GetState")
 
@@ -51,3 +52,6 @@ def test_bench_writes_the_documented_json(
     assert r["ratio_to_floor"] == pytest.approx(r["t_mig_ms"]["median"] / floor["median"], 1e-2)
     assert r["targets"] == {"t_mig_median_ms": 2.0, "t_mig_p99_ms": 5.0, "ratio_to_floor": 1.5}
     assert bench_rm.NAME in printed and "floor (raw move" in printed
+    cold = r["python_after_pause"]
+    assert cold["warm_us"] > 0 and cold["after_pause_us"] > 0 and cold["pause_ms"] == 10.0
+    assert "this machine: Python paused 10 ms runs" in printed
