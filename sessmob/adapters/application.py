@@ -65,6 +65,7 @@ HELLO_TIMEOUT = 10.0  # seconds a connection may stay silent before its hello
 LAUNCH_TIMEOUT = 10.0  # default seconds a launched importer has to say hello
 MAX_INFLIGHT = 64  # requests of one application served at once (more: protocol error)
 SOCKET_WAIT = 0.02  # seconds an RM request waits for its answer on the socket, loop held
+PREENCODED = ("suspend", "resume")  # requests of the freeze window encoded ahead (preencode)
 
 
 class SessionHost(Protocol):
@@ -141,6 +142,8 @@ class _Conn:
         self.closed: str | None = None
         self.launched = False
         self.inflight = 0  # its requests being served
+        # Requests encoded ahead of the freeze window, (op, session id) -> (id, frame).
+        self.ready: dict[tuple[str, str], tuple[int, bytes]] = {}
 
     @property
     def label(self) -> str:
@@ -502,6 +505,22 @@ class AppServer:
             return  # its descriptors went with it
         await self._call(app_id, "shutdown", {"session_id": session_id}, session_id)
 
+    def preencode(self, app_id: str, op: str, session_id: str) -> None:
+        """Encode the `op` request (suspend or resume) of a session now, before the freeze
+        window: there the next one for that session then only has to be written. Encoding
+        a small request costs tens of µs of Python that has just woken (docs/architecture.md,
+        "Measured"); unused, it is replaced by the next preencode or dropped with the
+        connection."""
+        if op not in PREENCODED:
+            raise ValueError(f"preencode: {op!r} is not one of {PREENCODED}")
+        conn = self._conns.get(app_id)
+        if conn is None or conn.closed is not None:
+            return  # the request will fail when it is sent, with the reason
+        msg_id = next(conn.ids)
+        conn.next_id = msg_id + 1
+        fields = {"session_id": session_id}
+        conn.ready[(op, session_id)] = (msg_id, encode_request(op, msg_id, fields, 0, self.limits))
+
     def _owned(self, app_id: str, session_id: str, what: str) -> _Owned:
         owned = self._sessions.get(session_id)
         if owned is None or owned.app_id != app_id:
@@ -540,12 +559,16 @@ class AppServer:
             why = conn.closed if conn is not None else "not connected"
             raise AppError(f"{op} of session {session_id}: application {app_id} is gone ({why})")
         fds = fds or []
-        msg_id = next(conn.ids)
-        conn.next_id = msg_id + 1
-        try:
-            frame = encode_request(op, msg_id, fields, len(fds), self.limits)
-        except ProtocolError as e:
-            raise AppError(f"{op} of session {session_id} for {conn.label}: {e}") from e
+        ready = conn.ready.pop((op, session_id), None)
+        if ready is not None and not fds and fields == {"session_id": session_id}:
+            msg_id, frame = ready
+        else:
+            msg_id = next(conn.ids)
+            conn.next_id = msg_id + 1
+            try:
+                frame = encode_request(op, msg_id, fields, len(fds), self.limits)
+            except ProtocolError as e:
+                raise AppError(f"{op} of session {session_id} for {conn.label}: {e}") from e
         assert self._loop is not None
         fut: asyncio.Future[Message] = self._loop.create_future()
         conn.pending[msg_id] = (op, fut)
@@ -939,7 +962,9 @@ class ApplicationAdapter:
         await self.server.discard_prepared(offer.session_id)
 
     async def do_presignaling(self, session: ServiceSession, role: Role) -> None:
-        return None
+        """Before the freeze (ED): the suspend request is encoded now, only sent inside."""
+        if role is Role.EXPORT and session.app_id is not None:
+            self.server.preencode(session.app_id, "suspend", session.session_id)
 
     async def suspend(self, session: ServiceSession) -> None:
         await (await self.start_suspend(session))
@@ -969,6 +994,7 @@ class ApplicationAdapter:
         if app_id is None:
             raise AppError(f"session {offer.session_id}: no importer reserved")
         await self.server.prepare(app_id, offer.session_id, offer.session_type, flows)
+        self.server.preencode(app_id, "resume", offer.session_id)  # sent after activation
 
     async def start_set_state(
         self,

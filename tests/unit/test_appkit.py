@@ -440,6 +440,44 @@ def test_failed_move_resumes_the_exporter(
     conn.close()
 
 
+def test_preencoded_requests_are_sent_as_encoded_and_answered(
+    lt: LoopThread, devices: Callable[..., Device], kits: list[AppKit], monkeypatch: Any
+) -> None:
+    """suspend/resume encoded before the freeze (preencode) go out inside it unencoded again,
+    under the id reserved for them, and their answers reach the RM as usual; a request in
+    between keeps its own id; anything else is refused."""
+    import sessmob.adapters.application as appmod
+
+    ed = devices("ed")
+    a = Recorder()
+    ka = a.kit(ed.path, "app")
+    kits.append(ka)
+    app, s = ka.app_id or "", ka.create_session("demo")
+    sid = s.session_id
+    ed.server.preencode(app, "suspend", sid)
+    ed.server.preencode(app, "resume", sid)
+    encoded: list[str] = []
+    real = appmod.encode_request
+
+    def spy(op: str, *args: Any, **kw: Any) -> bytes:
+        encoded.append(op)
+        return real(op, *args, **kw)
+
+    monkeypatch.setattr(appmod, "encode_request", spy)
+    client, conn = tcp_pair()
+    assert ka.add_flow(sid, conn) == "f0"  # the application's own request: unaffected
+    assert lt.run(ed.server.suspend(app, sid)) == b"state"
+    lt.run(ed.server.resume(app, sid))
+    assert encoded == [] and a.calls == [("suspend", sid), ("resume", sid)]
+    lt.run(ed.server.suspend(app, sid))  # used once: the next one is encoded as usual
+    assert encoded == ["suspend"]
+    with pytest.raises(ValueError, match="'shutdown' is not one of"):
+        ed.server.preencode(app, "shutdown", sid)
+    ed.server.preencode("nobody#1", "suspend", sid)  # no such application: nothing kept
+    client.close()
+    conn.close()
+
+
 def test_application_errors_reach_the_rm_with_their_reason(
     lt: LoopThread, devices: Callable[..., Device], kits: list[AppKit]
 ) -> None:
