@@ -49,6 +49,7 @@ from sessmob.appproto import (
     uid_allowed,
 )
 from sessmob.exchange import AppState, ExchangeDoc
+from sessmob.listening import accept_failed
 from sessmob.session import Flow, ServiceSession
 
 __all__ = [
@@ -641,7 +642,7 @@ class AppServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                _log.warning("accept on %s failed: %s", self.path, e)
+                accept_failed(self._loop, self._lsock, self._accept, e, _log, self.path)
                 return
             try:
                 cred = peer_cred(sock)

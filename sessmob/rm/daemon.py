@@ -105,6 +105,7 @@ class RelocationManager:
         self.app = ApplicationAdapter(self.appserver)
         self.transport = PlainTransport(source=cfg.listen)
         self.peers: dict[str, PeerClient] = {}
+        self._dialing: dict[str, asyncio.Lock] = {}  # one connect per device at a time
         self.incoming: dict[str, _Incoming] = {}
         self.limits = Limits(max_document=cfg.max_document)
         self.control = ControlServer(
@@ -214,17 +215,30 @@ class RelocationManager:
             raise KeyError(f"no session {session_id!r} on {self.cfg.device}") from None
 
     async def _peer(self, device: str) -> PeerClient:
-        peer = self.peers.get(device)
-        if peer is None or peer.closed:
-            d = self.cfg.devices.get(device)
-            if d is None:
-                known = ", ".join(sorted(self.cfg.devices)) or "none configured"
-                raise MoveError("Connect", f"unknown device {device!r} (known: {known})", {})
-            peer = await PeerClient.connect(
-                self.transport, d.host, d.port, timeout=self.cfg.peer_timeout
-            )
-            self.peers[device] = peer
+        """The channel to `device`, shared by the moves to it; made on first use (and again
+        once dropped), by one of them only."""
+        d = self.cfg.devices.get(device)
+        if d is None:
+            known = ", ".join(sorted(self.cfg.devices)) or "none configured"
+            raise MoveError("Connect", f"unknown device {device!r} (known: {known})", {})
+        async with self._dialing.setdefault(device, asyncio.Lock()):
+            peer = self.peers.get(device)
+            if peer is None or peer.closed:
+                peer = await PeerClient.connect(
+                    self.transport, d.host, d.port, timeout=self.cfg.peer_timeout
+                )
+                self.peers[device] = peer
         return peer
+
+    async def _drop_peer(self, device: str, peer: PeerClient | None) -> None:
+        """Close a channel that failed (timed out, broke) so the next move dials anew: ID
+        then aborts what this channel still held reserved at once, not at expiry. A move
+        sharing it meanwhile fails before its commit point and resumes here."""
+        if peer is not None and self.peers.get(device) is peer:
+            del self.peers[device]
+        if peer is not None:
+            with contextlib.suppress(Exception):
+                await peer.close()
 
     async def session_move(self, session_id: str, device: str) -> dict[str, Any]:
         """Move a session to `device`: the message flow of Fig. 4, timed step by step."""
@@ -243,6 +257,7 @@ class RelocationManager:
 
     async def _move(self, s: ServiceSession, device: str, tl: Timeline) -> dict[str, Any]:
         step = "Connect"
+        peer: PeerClient | None = None
         try:
             peer = await tl.run(step, self._peer(device))
             step = "GetResources"
@@ -260,7 +275,7 @@ class RelocationManager:
             raise
         except Exception as e:
             if isinstance(e, ConnectionError | TimeoutError):
-                self.peers.pop(device, None)  # reconnect next time
+                await self._drop_peer(device, peer)  # reconnect next time
             raise MoveError(step, _reason(e), tl.as_dict(s.session_id, device)) from e
         # ---- the freeze window: t_Mig ----
         t0 = time.perf_counter()

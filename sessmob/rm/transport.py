@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from sessmob.listening import accept_failed
 from sessmob.rm.wire import HEADER_LEN, MAX_FRAME, WireError, decode_frame, encode_frame
 
 log = logging.getLogger(__name__)
@@ -86,23 +87,34 @@ class SocketChannel:
         # One waiter per direction: the client's reader task waits to read while a call may
         # wait to write (a frame larger than the socket's buffer).
         self._waiters: dict[bool, asyncio.Future[None]] = {}  # writable? -> waiter
+        self._send_lock = asyncio.Lock()  # one frame at a time: frames never interleave
         self._poll = select.poll()
         self._poll.register(sock.fileno(), select.POLLIN)
         self.peer_address: str = _fmt_addr(sock.getpeername())
 
     async def send(self, msg: dict[str, Any]) -> None:
-        if self._closed:
-            raise ConnectionError(f"channel to {self.peer_address} is closed")
-        view = memoryview(encode_frame(msg))
-        while view:
+        """Send one frame. A send cut short (cancelled, timed out, failed) after part of the
+        frame went out closes the channel: the peer would read what follows as the rest of
+        that frame."""
+        frame = memoryview(encode_frame(msg))
+        async with self._send_lock:
+            if self._closed:
+                raise ConnectionError(f"channel to {self.peer_address} is closed")
+            view = frame
             try:
-                n = self._sock.send(view)
-            except (BlockingIOError, InterruptedError):
-                await self._ready(writable=True)
-                continue
-            except OSError as e:
-                raise ConnectionError(f"channel to {self.peer_address}: {e}") from e
-            view = view[n:]
+                while view:
+                    try:
+                        n = self._sock.send(view)
+                    except (BlockingIOError, InterruptedError):
+                        await self._ready(writable=True)
+                        continue
+                    except OSError as e:
+                        raise ConnectionError(f"channel to {self.peer_address}: {e}") from e
+                    view = view[n:]
+            except BaseException:
+                if len(view) < len(frame):
+                    await self.close()
+                raise
 
     async def recv(self) -> dict[str, Any]:
         while True:
@@ -118,6 +130,8 @@ class SocketChannel:
         while True:
             msg = self._frame()
             if msg is not None:
+                if self._buf:  # more came with it: a recv() waiting for the socket takes it
+                    self._wake(False)
                 return msg
             left = deadline - time.monotonic()
             if left <= 0 or not self._poll.poll(left * 1e3):
@@ -296,8 +310,8 @@ class SocketListener:
                 conn, _ = self._sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:  # e.g. EMFILE: log, and let the loop call again
-                log.warning("R listener: accept failed: %s", e)
+            except OSError as e:
+                accept_failed(self._loop, self._sock, self._accept, e, log, "R listener")
                 return
             try:
                 conn.setblocking(False)

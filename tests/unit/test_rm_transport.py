@@ -186,3 +186,63 @@ def test_a_send_that_waits_for_room_does_not_strand_a_waiting_recv() -> None:
         await asyncio.wait_for(sender, 2)
 
     run(scenario, max_frame=8 << 20)
+
+
+def _drain_frames(peer: socket.socket, n: int, timeout: float = 2.0) -> list[dict[str, Any]]:
+    """Read `n` whole frames from the blocking raw socket."""
+    peer.settimeout(timeout)
+    f = peer.makefile("rb")
+    out = []
+    for _ in range(n):
+        (size,) = struct.unpack(">I", f.read(4))
+        out.append(msgpack.unpackb(f.read(size)))
+    return out
+
+
+def test_a_send_cut_short_closes_the_channel() -> None:
+    """Cancelled (a call's timeout) after part of a frame went out: the rest of the stream
+    would be read as that frame's tail, so the channel closes; the peer sees EOF."""
+
+    async def scenario(ch: SocketChannel, peer: socket.socket) -> None:
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sender = asyncio.ensure_future(ch.send(msg(1, p=b"x" * (4 << 20))))
+        await asyncio.sleep(0.05)
+        assert not sender.done()
+        sender.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sender
+        with pytest.raises(ConnectionError, match="closed"):
+            await ch.send(msg(2))
+        peer.settimeout(2)
+        got = 0
+        while chunk := peer.recv(1 << 20):
+            got += len(chunk)
+        assert 0 < got < 4 << 20  # part of the frame, then EOF
+
+    run(scenario, max_frame=8 << 20)
+
+
+def test_concurrent_sends_go_out_whole_and_in_order() -> None:
+    async def scenario(ch: SocketChannel, peer: socket.socket) -> None:
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        big = [msg(i, p=bytes([i]) * (1 << 20)) for i in (1, 2, 3)]
+        sends = [asyncio.ensure_future(ch.send(m)) for m in big]
+        got = await asyncio.to_thread(_drain_frames, peer, 3)
+        await asyncio.gather(*sends)
+        assert got == big
+
+    run(scenario, max_frame=8 << 20)
+
+
+def test_recv_now_leaves_a_second_frame_to_the_waiting_recv() -> None:
+    """Two frames arrive together; recv_now takes the first, the reader task waiting in
+    recv() gets the second although the socket will not become readable again."""
+
+    async def scenario(ch: SocketChannel, peer: socket.socket) -> None:
+        reader = asyncio.ensure_future(ch.recv())
+        await asyncio.sleep(0.01)
+        peer.sendall(encode_frame(msg(1)) + encode_frame(msg(2)))
+        assert ch.recv_now(1.0) == msg(1)
+        assert await asyncio.wait_for(reader, 1) == msg(2)
+
+    run(scenario)
