@@ -108,7 +108,9 @@ def field(msg: dict[str, Any], name: str, *types: type, optional: bool = False) 
 
 
 async def read_frame(reader: asyncio.StreamReader, max_size: int = MAX_FRAME) -> dict[str, Any]:
-    """Read one frame. EOF between frames is ConnectionError; EOF inside one is WireError."""
+    """Read one frame from an asyncio stream (for tools and tests that speak R that way; the
+    RMs themselves read through SocketChannel). EOF between frames is ConnectionError; EOF
+    inside one is WireError."""
     try:
         header = await reader.readexactly(HEADER_LEN)
     except asyncio.IncompleteReadError as e:
