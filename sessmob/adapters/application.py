@@ -135,6 +135,8 @@ class _Conn:
         self.helloed = False
         self.decoder = Decoder(APP_REQUESTS, DEFAULT_LIMITS)
         self.rbuf = bytearray(RECV_SIZE)
+        self.poller = select.poll()  # for waits on the socket inside the freeze window
+        self.poller.register(sock.fileno(), select.POLLIN)
         self.pending: dict[int, tuple[str, asyncio.Future[Message]]] = {}
         self.ids = itertools.count(1)
         self.next_id = 1
@@ -623,14 +625,12 @@ class AppServer:
         """Read `conn` synchronously until `fut` has its reply, the connection drops, or
         `limit` seconds pass. Whatever else arrives meanwhile is dispatched as usual."""
         deadline = time.monotonic() + limit
-        poller = select.poll()
-        poller.register(conn.sock.fileno(), select.POLLIN)
         while not fut.done() and conn.closed is None:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            if poller.poll(left * 1e3):
-                self._readable(conn)
+            if conn.poller.poll(left * 1e3):
+                self._readable(conn, until=fut)
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -676,8 +676,12 @@ class AppServer:
         if not conn.helloed and conn.closed is None:
             self._drop(conn, f"no hello within {HELLO_TIMEOUT:g} s")
 
-    def _readable(self, conn: _Conn) -> None:
+    def _readable(self, conn: _Conn, until: asyncio.Future[Message] | None = None) -> None:
+        """Read and dispatch what `conn` has; with `until`, stop once that reply is in (the
+        rest stays for the loop: inside the window no read that can only say EAGAIN)."""
         for _ in range(16):  # then let others run; the loop calls again if more is there
+            if until is not None and until.done():
+                return
             try:
                 data, fds = recv_chunk(conn.sock, conn.rbuf)
             except (BlockingIOError, InterruptedError):
