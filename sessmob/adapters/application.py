@@ -473,6 +473,8 @@ class AppServer:
     async def discard_prepared(self, session_id: str) -> None:
         """The import prepared for `session_id` will not come: the importer drops the
         sockets it was given (a no-op if none were, or the import went ahead)."""
+        for conn in self._conns.values():
+            conn.ready.pop(("resume", session_id), None)  # preencoded for it, never sent
         app_id = self._prepared.pop(session_id, None)
         if app_id is not None and self.is_connected(app_id):
             await self._call(app_id, "shutdown", {"session_id": session_id}, session_id)

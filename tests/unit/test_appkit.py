@@ -474,6 +474,9 @@ def test_preencoded_requests_are_sent_as_encoded_and_answered(
     with pytest.raises(ValueError, match="'shutdown' is not one of"):
         ed.server.preencode(app, "shutdown", sid)
     ed.server.preencode("nobody#1", "suspend", sid)  # no such application: nothing kept
+    ed.server.preencode(app, "resume", "s-gone")  # an import that will not come ...
+    lt.run(ed.server.discard_prepared("s-gone"))  # ... leaves no frame behind
+    assert all(not c.ready for c in ed.server._conns.values())
     client.close()
     conn.close()
 
