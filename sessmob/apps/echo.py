@@ -646,8 +646,14 @@ class EchoServer:
         with self._lock:
             if self._spare is not None or self._stopping:
                 return
-            self._spare = EchoSession(None, on_finished=self._flow_finished)
-            self._spare.start_parked()
+        spare = EchoSession(None, on_finished=self._flow_finished)
+        spare.start_parked()  # outside the lock: starting a thread takes a while
+        with self._lock:
+            keep = self._spare is None and not self._stopping
+            if keep:
+                self._spare = spare
+        if not keep:  # stopping meanwhile
+            spare.stop()
 
     def _on_import(
         self, session_id: str, session_type: str, state: bytes, flows: list[ImportedFlow]
