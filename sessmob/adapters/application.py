@@ -152,6 +152,12 @@ class _Conn:
     def label(self) -> str:
         return f"{self.app_id} (pid {self.cred.pid}, uid {self.cred.uid})"
 
+    def new_id(self) -> int:
+        """The next request id (replies to ids below `next_id` are late, not unknown)."""
+        msg_id = next(self.ids)
+        self.next_id = msg_id + 1
+        return msg_id
+
 
 class AppServer:
     """The RM's application socket: applications connect, register sessions and flows.
@@ -521,8 +527,7 @@ class AppServer:
         conn = self._conns.get(app_id)
         if conn is None or conn.closed is not None:
             return  # the request will fail when it is sent, with the reason
-        msg_id = next(conn.ids)
-        conn.next_id = msg_id + 1
+        msg_id = conn.new_id()
         fields = {"session_id": session_id}
         conn.ready[(op, session_id)] = (msg_id, encode_request(op, msg_id, fields, 0, self.limits))
 
@@ -568,8 +573,7 @@ class AppServer:
         if ready is not None and not fds and fields == {"session_id": session_id}:
             msg_id, frame = ready
         else:
-            msg_id = next(conn.ids)
-            conn.next_id = msg_id + 1
+            msg_id = conn.new_id()
             try:
                 frame = encode_request(op, msg_id, fields, len(fds), self.limits)
             except ProtocolError as e:

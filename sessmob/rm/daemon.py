@@ -234,11 +234,12 @@ class RelocationManager:
         """Close a channel that failed (timed out, broke) so the next move dials anew: ID
         then aborts what this channel still held reserved at once, not at expiry. A move
         sharing it meanwhile fails before its commit point and resumes here."""
-        if peer is not None and self.peers.get(device) is peer:
+        if peer is None:
+            return
+        if self.peers.get(device) is peer:
             del self.peers[device]
-        if peer is not None:
-            with contextlib.suppress(Exception):
-                await peer.close()
+        with contextlib.suppress(Exception):
+            await peer.close()
 
     async def session_move(self, session_id: str, device: str) -> dict[str, Any]:
         """Move a session to `device`: the message flow of Fig. 4, timed step by step."""

@@ -370,14 +370,11 @@ class PeerClient:
         pass (the loop is held meanwhile). A channel that fails to read is left to the reader
         task, which meets the same error on its next read. Returns the reason if a reply
         ends the channel (the caller then shuts it, as the reader would)."""
-        recv_now = getattr(self.channel, "recv_now", None)
-        if recv_now is None:
-            return None
         deadline = time.monotonic() + limit
         while not fut.done():
             left = deadline - time.monotonic()
             try:
-                msg = recv_now(left) if left > 0 else None
+                msg = self.channel.recv_now(left) if left > 0 else None
             except (WireError, OSError):
                 return None
             if msg is None:
@@ -499,8 +496,7 @@ class _PeerSession:
         """After a reservation the transfer usually follows within a millisecond or two: wait
         for it on the socket (a bounded stretch, loop held), so that the freeze window does
         not begin with a trip through the event loop. None: nothing came, use recv()."""
-        recv_now = getattr(self.ch, "recv_now", None)
-        return recv_now(TRANSFER_WAIT) if recv_now is not None else None
+        return self.ch.recv_now(TRANSFER_WAIT)
 
     async def _abort_open(self) -> None:
         # The exporting RM can no longer activate these (they are bound to this channel):

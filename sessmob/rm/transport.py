@@ -36,6 +36,12 @@ class Channel(Protocol):
         """The next message; ConnectionError on EOF, WireError on a malformed frame."""
         ...
 
+    def recv_now(self, timeout: float) -> dict[str, Any] | None:
+        """The next message if it comes within `timeout` seconds, read synchronously with the
+        event loop held (inside the freeze window), else None; errors as recv(). It shares
+        recv()'s buffer: the two may be mixed."""
+        ...
+
     async def close(self) -> None:
         """Close the channel; idempotent."""
         ...
