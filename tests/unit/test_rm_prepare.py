@@ -110,3 +110,40 @@ def test_prepared_sockets_are_used_only_for_exactly_the_documents_flows() -> Non
                 s.close()
 
     asyncio.run(main())
+
+
+def test_one_dial_per_device_and_a_dropped_channel_is_closed(monkeypatch: Any) -> None:
+    """Concurrent moves to one device share one connect; a channel dropped after a failure is
+    closed (so ID aborts what it held) and only replaces itself, not a newer one."""
+    import sessmob.rm.daemon as daemon
+
+    class FakePeer:
+        def __init__(self) -> None:
+            self.closed = False
+
+        async def close(self) -> None:
+            self.closed = True
+
+    dials: list[FakePeer] = []
+
+    async def connect(*args: Any, **kw: Any) -> FakePeer:
+        await asyncio.sleep(0.01)  # a connect takes a while: both callers are inside it
+        dials.append(FakePeer())
+        return dials[-1]
+
+    monkeypatch.setattr(daemon.PeerClient, "connect", connect)
+    rm = RelocationManager.__new__(RelocationManager)
+    rm.cfg = type("Cfg", (), {"devices": {"id": type("D", (), {"host": "h", "port": 1})()},
+                              "peer_timeout": 1.0})()  # fmt: skip
+    rm.peers, rm._dialing, rm.transport = {}, {}, None
+
+    async def main() -> None:
+        a, b = await asyncio.gather(rm._peer("id"), rm._peer("id"))
+        assert a is b and len(dials) == 1
+        await rm._drop_peer("id", a)  # type: ignore[arg-type]
+        assert a.closed and "id" not in rm.peers
+        c = await rm._peer("id")
+        await rm._drop_peer("id", a)  # type: ignore[arg-type]  # stale: c stays
+        assert rm.peers["id"] is c and not c.closed and len(dials) == 2
+
+    asyncio.run(main())
