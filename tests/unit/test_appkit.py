@@ -1022,6 +1022,8 @@ def test_echo_worker_started_parked_serves_only_after_resume_and_pause_holds() -
     b.settimeout(WAIT)
     assert b.recv(5) == b"early"
     es.pause()
+    time.sleep(0.05)
+    assert not es.stats()["parked"]  # idle in epoll, not woken by the pause
     b.sendall(b"while paused")
     assert wait_for(lambda: es.stats()["parked"])  # woken by the data, it parked
     time.sleep(0.05)
