@@ -445,18 +445,39 @@ static int replay(int fd, const uint8_t *data, uint32_t len)
 	return 0;
 }
 
-/* Buffer large enough for the replayed queue: max(old, 1.5 x queue + 64 KiB). The kernel
- * doubles what it is given, and getsockopt reports the doubled value. */
+/* Buffer large enough for the replayed queue: max(old, 1.5 x queue + 64 KiB), or the old
+ * size when there is no queue. The kernel doubles what it is given, and getsockopt reports
+ * the doubled value. */
 static int buf_for(int32_t old, uint32_t queue)
 {
 	/* 1.25 x was seen to refuse the never-sent tail at activation about once in 300
 	 * saturated moves (EAGAIN): per-skb overhead of the replayed queue. 1.5 x leaves room. */
-	uint64_t need = (uint64_t)queue + queue / 2 + 65536;
+	uint64_t need = queue ? (uint64_t)queue + queue / 2 + 65536 : 0;
 	uint64_t have = old > 0 ? (uint64_t)old : 0;
 	uint64_t want = need > have ? need : have;
 	if (want > INT32_MAX)
 		want = INT32_MAX;
 	return (int)((want + 1) / 2);
+}
+
+/* Forcing a size pins it; give autotuning back unless the user had pinned the size too. */
+static int unpin(int fd, uint32_t buf_lock)
+{
+	if ((buf_lock & SOCK_BUF_LOCK_MASK) == SOCK_BUF_LOCK_MASK)
+		return 0;
+	return set_int(fd, SOL_SOCKET, SO_BUF_LOCK, (int)(buf_lock & SOCK_BUF_LOCK_MASK));
+}
+
+/* Once the queue is in, the socket gets the size it had. Otherwise every move of a
+ * connection whose queue stays full (a lagging reader, a writer ahead of its peer) would
+ * grow the buffer by half again, until the queue outgrows what a snapshot may carry. */
+static int give_back(int fd, int force_opt, int32_t old, uint32_t queue, uint32_t buf_lock)
+{
+	if (old <= 0 || buf_for(old, queue) <= (old + 1) / 2)
+		return 0;
+	if (set_int(fd, SOL_SOCKET, force_opt, (old + 1) / 2) < 0)
+		return -1;
+	return unpin(fd, buf_lock);
 }
 
 /* What a fresh socket of this namespace starts with, read once per batch: a batch of
@@ -591,11 +612,8 @@ static int restore_into(int fd, const struct tcpr_state *st, const uint8_t *queu
 	/* A repair-mode send into a too-small buffer would block forever. */
 	if (!defaults_fit(st, d)) {
 		if (set_int(fd, SOL_SOCKET, SO_SNDBUFFORCE, buf_for(st->sndbuf, st->outq_len)) < 0 ||
-		    set_int(fd, SOL_SOCKET, SO_RCVBUFFORCE, buf_for(st->rcvbuf, st->inq_len)) < 0)
-			return TCPR_E_BUF;
-		/* Forcing sizes pins them; give autotuning back unless the user had pinned them. */
-		if ((st->buf_lock & SOCK_BUF_LOCK_MASK) != SOCK_BUF_LOCK_MASK &&
-		    set_int(fd, SOL_SOCKET, SO_BUF_LOCK, st->buf_lock & SOCK_BUF_LOCK_MASK) < 0)
+		    set_int(fd, SOL_SOCKET, SO_RCVBUFFORCE, buf_for(st->rcvbuf, st->inq_len)) < 0 ||
+		    unpin(fd, st->buf_lock) < 0)
 			return TCPR_E_BUF;
 	}
 
@@ -604,18 +622,10 @@ static int restore_into(int fd, const struct tcpr_state *st, const uint8_t *queu
 			return TCPR_E_QUEUE_SEL;
 		if (replay(fd, inq, st->inq_len) < 0)
 			return TCPR_E_RECVQ;
-		/* The replay needed room for the queue's overhead; afterwards the socket gets the
-		 * size it had. Otherwise every move of a connection whose reader lags (a full
-		 * receive queue) would grow its buffer by half again, until the queue outgrows
-		 * what a snapshot may carry. */
-		if (!defaults_fit(st, d) && st->rcvbuf > 0 &&
-		    buf_for(st->rcvbuf, st->inq_len) > (st->rcvbuf + 1) / 2) {
-			if (set_int(fd, SOL_SOCKET, SO_RCVBUFFORCE, (st->rcvbuf + 1) / 2) < 0)
-				return TCPR_E_BUF;
-			if ((st->buf_lock & SOCK_BUF_LOCK_MASK) != SOCK_BUF_LOCK_MASK &&
-			    set_int(fd, SOL_SOCKET, SO_BUF_LOCK, st->buf_lock & SOCK_BUF_LOCK_MASK) < 0)
-				return TCPR_E_BUF;
-		}
+		/* (The send buffer is given back at activation, after the never-sent tail.) */
+		if (!defaults_fit(st, d) &&
+		    give_back(fd, SO_RCVBUFFORCE, st->rcvbuf, st->inq_len, st->buf_lock) < 0)
+			return TCPR_E_BUF;
 	}
 	/* The window can only be set once rcv_nxt is where the receive queue left it. */
 	if (st->flags & TCPR_F_WINDOW) {
@@ -907,6 +917,11 @@ int tcpr_activate_ack(int fd, const struct tcpr_state *st, int raw_fd, const uin
 	if ((st->tcp_state == TCP_LAST_ACK || (st->flags & TCPR_F_FIN_UNSENT)) &&
 	    shutdown(fd, SHUT_WR) < 0)
 		return TCPR_E_FIN;
+	/* A send queue made restore force a larger buffer (see restore_into). The connection
+	 * is live and its bytes are out: a size that could not be given back (these calls fail
+	 * only without CAP_NET_ADMIN, which repair needed too) is no reason to fail the move. */
+	if (st->outq_len)
+		(void)give_back(fd, SO_SNDBUFFORCE, st->sndbuf, st->outq_len, st->buf_lock);
 	errno = saved;
 	return rc;
 }

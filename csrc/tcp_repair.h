@@ -129,7 +129,8 @@ int tcpr_restore(const struct tcpr_state *st, const uint8_t *queues, int *fd_out
 int tcpr_restore_into(int fd, const struct tcpr_state *st, const uint8_t *queues);
 
 /* Leave repair mode on a restored socket, then send the never-sent tail of the send queue
- * with ordinary sends (len may be 0). */
+ * with ordinary sends (len may be 0). Without the state, a send buffer that restore enlarged
+ * for the replay stays that size: tcpr_activate_ack gives it back. */
 int tcpr_activate(int fd, const uint8_t *unsent, size_t len);
 
 /* As tcpr_activate, and between leaving repair mode and sending the never-sent bytes, send
@@ -146,7 +147,8 @@ int tcpr_activate(int fd, const uint8_t *unsent, size_t len);
  * socket's own stack as a segment from the peer through raw_fd (so the session address must
  * already receive on this device), an ACK of our FIN likewise for FIN_WAIT2, and our own
  * FIN, if it had not been transmitted or the state is LAST_ACK, is sent with shutdown()
- * after the never-sent bytes. */
+ * after the never-sent bytes. Last, a send buffer that restore enlarged for the send queue's
+ * replay gets the size it had (st->sndbuf), autotuned again unless it had been pinned. */
 int tcpr_activate_ack(int fd, const struct tcpr_state *st, int raw_fd, const uint8_t *unsent,
 		      size_t len);
 

@@ -489,34 +489,43 @@ def test_no_buffer_stays_exported_after_a_failed_batch(
     resume(a)
 
 
-def test_a_full_receive_queue_does_not_grow_the_buffer_move_after_move(
-    closer: Callable[[socket.socket], socket.socket],
+@pytest.mark.parametrize("queue", ["receive", "send"])
+def test_a_full_queue_does_not_grow_the_buffer_move_after_move(
+    closer: Callable[[socket.socket], socket.socket], queue: str
 ) -> None:
-    """A reader that lags keeps its receive queue full. Restoring needs room beyond the
-    queue for the replay, but the restored socket must end with the buffer it had: else each
-    move grows it by half again, until the queue outgrows what a snapshot may carry."""
+    """A reader that lags keeps its receive queue full, and a writer whose peer lags keeps its
+    send queue full. Restoring needs room beyond the queue for the replay, but the restored
+    socket must end with the buffer it had: else each move grows it by half again, until the
+    queue outgrows what a snapshot may carry."""
     conn = connect_pair(closer, "ipv4")
     a, b = conn.a, conn.b
     b.setblocking(False)
-    stream = Stream(B2A)
-    stream.send(b, 64 << 20, until_full=True)  # a reads nothing: its queue fills up
-    assert wait_until(lambda: inq(a) > 0)
+    option = socket.SO_RCVBUF if queue == "receive" else socket.SO_SNDBUF
+    stream = Stream(B2A if queue == "receive" else A2B)
+
+    def fill() -> None:  # nobody reads: the queue under test fills up
+        stream.send(b if queue == "receive" else a, 64 << 20, until_full=True)
+
+    fill()
+    assert wait_until(lambda: (inq(a) if queue == "receive" else outq(a)) > 0)
     time.sleep(0.2)
     sizes = []
     for _ in range(4):
-        before = a.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        before = a.getsockopt(socket.SOL_SOCKET, option)
         drop_all(a)
         freeze(a)
         snap = dump(a)
         release(a)
         a = closer(restore(snap))
         activate(a)
-        sizes.append((before, a.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF), snap.inq_len))
-        stream.send(b, 1 << 20, until_full=True)
+        queued = snap.inq_len if queue == "receive" else snap.outq_len
+        sizes.append((before, a.getsockopt(socket.SOL_SOCKET, option), queued))
+        assert queued > 0
+        fill()
         time.sleep(0.1)
     assert all(after <= before for before, after, _ in sizes), sizes
     assert sizes[-1][1] <= sizes[0][0], sizes
-    stream.drain(a)  # every byte, once and in order, through four restores
+    stream.drain(a if queue == "receive" else b)  # every byte, once and in order
 
 
 def test_restore_from_bytes_behaves_like_original(
@@ -634,19 +643,13 @@ def test_release_sends_no_fin_or_rst(closer: Callable[[socket.socket], socket.so
     assert_no_resets(before, silent_closes=1)
 
 
-SMALL_PINNED_BUFFERS = pytest.mark.xfail(
-    strict=True,
-    reason="restore forces SO_SNDBUF/SO_RCVBUF to max(old, 1.5 x queue + 64 KiB) so the "
-    "replay fits, and never puts a smaller pinned size back: 8 KiB pinned reads 64 KiB after "
-    "a move (the receive window grows with it)",
-)
 OPTION_CASES = [
     # (kind, customize, buffers): buffers "pinned" (both, above the 64 KiB restore floor),
     # "sndbuf-only", "small" (both pinned below the floor) or "auto" (autotuned)
     pytest.param("ipv4", True, "pinned", id="ipv4-custom-pinned"),
     pytest.param("ipv6", True, "auto", id="ipv6-custom-autotuned"),
     pytest.param("v4mapped", True, "sndbuf-only", id="v4mapped-custom-sndbuf-pinned"),
-    pytest.param("ipv6", True, "small", id="ipv6-pinned-small", marks=SMALL_PINNED_BUFFERS),
+    pytest.param("ipv6", True, "small", id="ipv6-pinned-small"),
     pytest.param("ipv4", False, "auto", id="ipv4-defaults"),
 ]
 
