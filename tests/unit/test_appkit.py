@@ -1003,6 +1003,19 @@ def test_echo_state_survives_export_and_adopt() -> None:
     b.close()
 
 
+_EPOLL_WAITS = {232, 281, 441}  # x86_64 epoll_wait, epoll_pwait, epoll_pwait2
+
+
+def _waits_in_epoll(es: Any) -> bool:
+    """The session's worker is blocked in an epoll wait (its current syscall, sleeping)."""
+    tid = es._thread.native_id
+    with open(f"/proc/self/task/{tid}/syscall") as f:
+        nr = f.read().split()[0]
+    with open(f"/proc/self/task/{tid}/stat") as f:
+        state = f.read().rsplit(")", 1)[1].split()[0]
+    return nr.isdigit() and int(nr) in _EPOLL_WAITS and state == "S"
+
+
 def test_echo_worker_started_parked_serves_only_after_resume_and_pause_holds() -> None:
     """An imported session's worker starts parked (before the freeze): it touches no socket
     until resume(). pause() returns with the worker off the sockets without waking it, and
@@ -1021,6 +1034,9 @@ def test_echo_worker_started_parked_serves_only_after_resume_and_pause_holds() -
     es.resume()
     b.settimeout(WAIT)
     assert b.recv(5) == b"early"
+    # Idle in epoll first: a wake-up already on its way (the poke of add() while parked) would
+    # have it park at once, which is not what this checks.
+    assert wait_for(lambda: _waits_in_epoll(es))
     es.pause()
     time.sleep(0.05)
     assert not es.stats()["parked"]  # idle in epoll, not woken by the pause
