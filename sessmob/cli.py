@@ -290,6 +290,9 @@ def format_timeline(tl: dict[str, Any]) -> str:
         out += [f"  {n.ljust(width - 2)}{v.rjust(vwidth)}" for n, v in remote_rows]
     if t_mig is not None:
         out.append(f"{'t_Mig'.ljust(width)}{_ms(t_mig).rjust(vwidth)}")
+    note = tl.get("note")
+    if isinstance(note, str) and note:
+        out.append(f"note: {_cell(note)}")
     return "\n".join(out)
 
 

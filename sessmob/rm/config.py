@@ -26,13 +26,15 @@ Example (one device of the namespace testbed)::
     user = "nobody"              # importer is running; never root when set
 
     [limits]
-    reservation_timeout = 5.0    # s: a reservation the transfer does not follow expires
+    reservation_timeout = 5.0    # s: no transfer or activation after this (a lease)
     peer_timeout = 2.0           # s: per R request
     app_timeout = 2.0            # s: per application request
     max_document = 268435456     # bytes of one exchange document
 
     [faults]                     # fault injection for tests only
-    fail = ["export:tcp.get_state"]   # make this adapter primitive raise
+    fail = ["export:tcp.get_state"]   # make this adapter primitive raise; also
+                                 # "import:rm.activated_reply" (activate, lose the reply) and
+                                 # "import:rm.stall" (hang 3 s on a transfer)
     delay_after_check = 0.0      # s to wait after CheckPreconditions (reservation expiry)
 """
 

@@ -36,11 +36,24 @@ from sessmob.exchange import AppState, ExchangeDoc, FlowState, Limits, decode, e
 from sessmob.hotpath import gc_paused, settle
 from sessmob.rm.config import Config, ConfigError, load
 from sessmob.rm.control import ControlServer, MoveError
-from sessmob.rm.peer import ABORT, PeerClient, PeerError, Reservation, serve_peers
+from sessmob.rm.peer import (
+    ABORT,
+    PeerClient,
+    PeerError,
+    PeerLost,
+    PeerTimeout,
+    ReplyLost,
+    Reservation,
+    serve_peers,
+)
 from sessmob.rm.transport import Listener, PlainTransport
 from sessmob.session import Flow, FlowKind, ServiceSession, SessionState
 
 log = logging.getLogger("sessmob.rm")
+
+LEASE_MARGIN = 0.1  # of a reservation's lifetime: ED's and ID's clocks may run at other rates
+ASK_AGAIN = 0.2  # s between an in-doubt ED's attempts to reach ID
+STALL_FAULT = 3.0  # s the fault import:rm.stall hangs the whole RM for, on a transfer
 
 
 class Timeline:
@@ -68,8 +81,10 @@ class _Incoming:
 
     offer: TransferOffer
     expiry: asyncio.TimerHandle
+    deadline: float  # loop time: no activation from then on (ED counts on it when in doubt)
     session: ServiceSession | None = None
     activated: bool = False
+    busy: bool = False  # a transfer or activation is running: expiry waits for it
     done: list[Adapter] = field(default_factory=list)  # adapters whose set_state ran
     set_state_ms: float = 0.0
     parts: dict[str, float] = field(default_factory=dict)  # per-adapter SetState times
@@ -225,7 +240,11 @@ class RelocationManager:
             peer = self.peers.get(device)
             if peer is None or peer.closed:
                 peer = await PeerClient.connect(
-                    self.transport, d.host, d.port, timeout=self.cfg.peer_timeout
+                    self.transport,
+                    d.host,
+                    d.port,
+                    timeout=self.cfg.peer_timeout,
+                    call_timeout=self.cfg.peer_timeout,
                 )
                 self.peers[device] = peer
         return peer
@@ -268,6 +287,9 @@ class RelocationManager:
                 offer.resources[a.name] = await a.get_resources(s)
             step = "CheckPreconditions"
             res: Reservation = await tl.run(step, peer.check_preconditions(offer))
+            # ID made the reservation before this reply left, and activates only before it
+            # expires: from here on (with a margin for clock rates) it certainly cannot.
+            lease_end = time.monotonic() + res.expires_in * (1 + LEASE_MARGIN)
             step = "DoPresignaling"
             await tl.run(step, self._each("do_presignaling", s, Role.EXPORT))
             if self.cfg.delay_after_check:
@@ -281,6 +303,7 @@ class RelocationManager:
         # ---- the freeze window: t_Mig ----
         t0 = time.perf_counter()
         reached: list[Adapter] = []
+        note: str | None = None
         with gc_paused():
             try:
                 step = "Suspend"
@@ -293,16 +316,30 @@ class RelocationManager:
                 remote = await tl.run(step, peer.transfer_and_activate(res.reservation_id, doc))
             except Exception as e:
                 reason = _reason(e)
-                await self._undo_export(s, peer, res, step, reason, reached)
+                # No answer to the transfer: ID may have activated. Anything else means it
+                # did not (an error reply, or a failure before the transfer left).
+                in_doubt = step.startswith("Initiate") and isinstance(e, PeerLost | PeerTimeout)
+                took_over = await self._undo_export(
+                    s, device, peer, res, f"{step}: {reason}", reached, in_doubt, lease_end
+                )
                 tl.t_mig_ms = round((time.perf_counter() - t0) * 1e3, 3)
-                raise MoveError(step, reason, tl.as_dict(s.session_id, device)) from e
-            tl.t_mig_ms = round((time.perf_counter() - t0) * 1e3, 3)
+                if not took_over:
+                    raise MoveError(step, reason, tl.as_dict(s.session_id, device)) from e
+                remote = {}
+                note = (
+                    f"{step}: {reason}; {device} then confirmed that it had activated the "
+                    "session (its reply was lost)"
+                )
+            else:
+                tl.t_mig_ms = round((time.perf_counter() - t0) * 1e3, 3)
         # ---- committed: the session runs on `device` ----
         await tl.run("Shutdown", self._each("shutdown", s, Role.EXPORT, reverse=False))
         s.state = SessionState.GONE
         self.sessions.pop(s.session_id, None)
         out = tl.as_dict(s.session_id, device)
         out["importer_steps"] = remote
+        if note:
+            out["note"] = note
         log.info("session %s moved to %s: t_Mig %.3f ms", s.session_id, device, tl.t_mig_ms)
         return out
 
@@ -320,8 +357,11 @@ class RelocationManager:
 
     def _fault(self, side: str, adapter: Adapter, primitive: str) -> None:
         """Fault injection for the failure-path tests ([faults] in the config)."""
-        if self.cfg.faults and f"{side}:{adapter.name}.{primitive}" in self.cfg.faults:
+        if self._faulty(f"{side}:{adapter.name}.{primitive}"):
             raise RuntimeError(f"injected fault at {side}:{adapter.name}.{primitive}")
+
+    def _faulty(self, name: str) -> bool:
+        return bool(self.cfg.faults) and name in self.cfg.faults
 
     async def _suspend(self, s: ServiceSession, reached: list[Adapter]) -> None:
         # The application is asked first and, while it parks, the address leaves (isolation:
@@ -361,28 +401,73 @@ class RelocationManager:
     async def _undo_export(
         self,
         s: ServiceSession,
+        device: str,
         peer: PeerClient,
         res: Reservation,
-        step: str,
         reason: str,
         reached: list[Adapter],
-    ) -> None:
-        """Before the commit point: the importer discards, the session resumes here."""
-        try:
-            await peer.abort(res.reservation_id, f"{step}: {reason}")
-        except PeerError as e:
-            if e.step == ABORT and "activated" in e.reason:
-                # The importer did commit (its reply was lost): it owns the session now.
-                log.error("session %s: importer reports it is active; shutting down here", s)
-                await self._each("shutdown", s, Role.EXPORT)
-                raise MoveError(step, "importer activated; reply lost", {}) from e
-        except Exception as e:  # unreachable importer: its reservation expires by itself
-            log.warning("abort of %s not delivered: %s", res.reservation_id, _reason(e))
+        in_doubt: bool,
+        lease_end: float,
+    ) -> bool:
+        """Before the commit point: the importer discards, the session resumes here.
+
+        Returns True instead, resuming nothing, if the importer reports that it had activated
+        (its reply was lost): the session is then its own, and only shuts down here.
+        """
+        if await self._importer_activated(device, peer, res, reason, in_doubt, lease_end):
+            log.error("session %s: %s reports it is active (reply lost); shutting down here",
+                      s.session_id, device)  # fmt: skip
+            return True
         # Address back first, then the sockets leave repair mode, then the application;
         # only what the suspend reached.
         for a in (self.net, *self.transports, self.app):
             if a in reached:
                 await a.resume(s, Role.EXPORT)
+        return False
+
+    async def _importer_activated(
+        self,
+        device: str,
+        peer: PeerClient,
+        res: Reservation,
+        reason: str,
+        in_doubt: bool,
+        lease_end: float,
+    ) -> bool:
+        """Abort the reservation on ID, and learn from the answer whether ID had activated.
+
+        Not in doubt (the failure came before the transfer left, or ID answered it): one Abort
+        on the channel, best effort. In doubt (the transfer left, no answer came): the session
+        stays frozen here, since resuming it while ID may run it would make two owners, and
+        the Abort is repeated — on a new channel once this one is lost — until ID answers or
+        its reservation has certainly expired (`lease_end`), after which ID cannot activate.
+        """
+        rid = res.reservation_id
+        client: PeerClient | None = peer
+        while True:
+            left = lease_end - time.monotonic()
+            if client is not None:
+                try:
+                    await client.abort(rid, reason, timeout=max(left, 0.2) if in_doubt else None)
+                    return False
+                except PeerError as e:
+                    return e.step == ABORT and "activated" in e.reason
+                except Exception as e:
+                    failure = _reason(e)
+                    await self._drop_peer(device, client)
+            left = lease_end - time.monotonic()
+            if not in_doubt or left <= 0:
+                if in_doubt:
+                    log.error("abort of %s unanswered until its reservation expired (%s):"
+                              " resuming here", rid, failure)  # fmt: skip
+                else:
+                    log.warning("abort of %s not delivered: %s", rid, failure)
+                return False
+            await asyncio.sleep(min(ASK_AGAIN, left))
+            try:
+                client = await self._peer(device)
+            except Exception as e:
+                client, failure = None, _reason(e)
 
     def _carrying(self, flows: Iterable[Flow | FlowState]) -> list[Adapter]:
         """The transport adapters with flows among `flows`: the others have nothing to do
@@ -425,7 +510,8 @@ class RelocationManager:
             self.cfg.reservation_timeout,
             lambda: asyncio.ensure_future(self._expire(rid)),
         )
-        self.incoming[rid] = _Incoming(offer, expiry, prepared=prepared)
+        deadline = loop.time() + self.cfg.reservation_timeout
+        self.incoming[rid] = _Incoming(offer, expiry, deadline, prepared=prepared)
         return Reservation(rid, self.cfg.reservation_timeout)
 
     async def _prepare_import(self, offer: TransferOffer) -> dict[str, tuple[str, socket.socket]]:
@@ -472,6 +558,20 @@ class RelocationManager:
         inc = self._incoming(reservation_id)
         if inc.session is not None:
             raise Refused("rm", f"reservation {reservation_id} already has a session")
+        if self._faulty("import:rm.stall"):
+            time.sleep(STALL_FAULT)  # the whole RM hangs: unreachable, as if cut off
+        if asyncio.get_running_loop().time() >= inc.deadline:  # its expiry had no turn yet
+            await self._discard(reservation_id)
+            raise Refused("rm", f"reservation {reservation_id} expired before the transfer")
+        inc.busy = True
+        try:
+            await self._initiate_transfer(reservation_id, inc, document)
+        finally:
+            inc.busy = False
+
+    async def _initiate_transfer(
+        self, reservation_id: str, inc: _Incoming, document: bytes
+    ) -> None:
         doc = decode(document, self.limits)
         if doc.session_id != inc.offer.session_id:
             raise Refused(
@@ -537,16 +637,23 @@ class RelocationManager:
         if s is None:
             raise Refused("rm", f"reservation {reservation_id} has no transferred session")
         times: dict[str, float] = {"set_state_ms": inc.set_state_ms, **inc.parts}
+        if asyncio.get_running_loop().time() >= inc.deadline:
+            # Past it, the exporting RM may have given up on an answer and resumed.
+            await self._discard(reservation_id)
+            raise Refused("rm", f"reservation {reservation_id} expired before activation")
         t = time.perf_counter()
+        inc.busy = True
         try:
             for a in (self.net, self.tcp):
                 self._fault("import", a, "resume")
                 await a.resume(s, Role.IMPORT)
         except Exception:
+            inc.busy = False
             await self._discard(reservation_id)
             raise
         # Committed: from here the session is this device's.
         inc.activated = True
+        inc.busy = False
         inc.expiry.cancel()
         t_post = time.perf_counter()
         times["activate_ms"] = round((t_post - t) * 1e3, 3)
@@ -578,6 +685,8 @@ class RelocationManager:
         await self.app.release_resources(inc.offer)
         if errors:
             times["post_commit_errors"] = float(len(errors))
+        if self._faulty("import:rm.activated_reply"):
+            raise ReplyLost(f"injected fault: reply to the activation of {reservation_id} lost")
         return times
 
     def _after_resume(self, s: ServiceSession, f: asyncio.Future[None]) -> None:
@@ -596,6 +705,13 @@ class RelocationManager:
 
     async def _expire(self, rid: str) -> None:
         inc = self.incoming.get(rid)
+        if inc is not None and inc.busy:
+            # Not in the middle of a transfer: once it ends, activation checks the deadline
+            # itself, and a failed one is aborted by ED or when its channel closes.
+            inc.expiry = asyncio.get_running_loop().call_later(
+                0.05, lambda: asyncio.ensure_future(self._expire(rid))
+            )
+            return
         if inc is not None and not inc.activated:
             log.warning("reservation %s expired: no transfer followed", rid)
             await self._discard(rid)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import time
@@ -121,6 +122,11 @@ class PeerHandler(Protocol):
 
 class ProtocolViolation(WireError):
     """A well-framed message that is not a valid R message here."""
+
+
+class ReplyLost(Exception):
+    """Raised by a handler whose work is done to have its reply dropped and the channel
+    closed: a reply lost on the way (fault injection, for the tests of ED's recovery)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,6 +441,9 @@ class _Entry:
     channel: Channel  # the channel that made the reservation: only it may transfer/activate
     peer_name: str | None
     state: str = OPEN
+    # Held while a request on it runs: an Abort from another channel (ED asking anew after
+    # losing the first) waits for a running transfer's outcome instead of racing it.
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
 
 
 class _Registry:
@@ -476,7 +485,7 @@ class _PeerSession:
                     if msg is None:
                         msg = await self.ch.recv()
                     reply = await self._dispatch(msg)
-                except ConnectionError:
+                except (ConnectionError, ReplyLost):
                     return
                 except WireError as e:  # a bad frame, or a well-framed but invalid request
                     await self._bye(str(e))
@@ -502,11 +511,15 @@ class _PeerSession:
         # The exporting RM can no longer activate these (they are bound to this channel):
         # free them now rather than at expiry.
         for rid in self.reg.open_of(self.ch):
+            entry = self.reg.entries[rid]
             try:
-                await self.handler.abort(
-                    rid, "channel to the exporting RM closed before activation"
-                )
-                self.reg.entries[rid].state = ABORTED
+                async with entry.lock:
+                    if entry.state != OPEN:  # an Abort on another channel came first
+                        continue
+                    await self.handler.abort(
+                        rid, "channel to the exporting RM closed before activation"
+                    )
+                    entry.state = ABORTED
             except Exception as e:
                 log.warning("abort of reservation %s after channel close failed: %s", rid, e)
 
@@ -525,15 +538,28 @@ class _PeerSession:
         if t == "check":
             return await self._check(msg, req_id)
         rid = field(msg, "rid", str)
-        if t == "transfer":
-            doc = field(msg, "p", bytes)
-            go = field(msg, "go", bool, optional=True) or False
+        if t == "transfer":  # validated here, used as they are below
+            field(msg, "p", bytes)
+            field(msg, "go", bool, optional=True)
         elif t == "abort":
-            reason = field(msg, "reason", str)
+            field(msg, "reason", str)
         entry = self.reg.entries.get(rid)
         if t == "abort":
             if entry is None or entry.peer_name != self.ch.peer_name:
                 return _error(req_id, step, f"unknown reservation {rid!r}")
+        elif entry is None or entry.channel is not self.ch:
+            return _error(
+                req_id,
+                step,
+                f"unknown reservation {rid!r} (never made, expired, or made on another channel)",
+            )
+        async with entry.lock:  # its outcome, not a race with a request on another channel
+            return await self._run_locked(entry, t, rid, req_id, step, msg)
+
+    async def _run_locked(
+        self, entry: _Entry, t: str, rid: str, req_id: int, step: str, msg: dict[str, Any]
+    ) -> dict[str, Any]:
+        if t == "abort":
             if entry.state == ACTIVATED:
                 return _error(
                     req_id,
@@ -543,28 +569,24 @@ class _PeerSession:
                 )
             if entry.state == ABORTED:
                 return {"t": "done", "id": req_id}
-        elif entry is None or entry.channel is not self.ch:
-            return _error(
-                req_id,
-                step,
-                f"unknown reservation {rid!r} (never made, expired, or made on another channel)",
-            )
         elif entry.state != OPEN:
             return _error(req_id, step, f"reservation {rid} is already {entry.state}")
         try:
             if t == "transfer":
                 with gc_paused():  # inside the freeze window
-                    await self.handler.initiate_transfer(rid, doc)
-                    if not go:
+                    await self.handler.initiate_transfer(rid, msg["p"])
+                    if not msg.get("go"):
                         return {"t": "done", "id": req_id}
                     step = ACTIVATE
                     return await self._activate(entry, rid, req_id)
             if t == "activate":
                 with gc_paused():
                     return await self._activate(entry, rid, req_id)
-            await self.handler.abort(rid, reason)
+            await self.handler.abort(rid, msg["reason"])
             entry.state = ABORTED
             return {"t": "done", "id": req_id}
+        except ReplyLost:
+            raise
         except Refused as e:
             return _refused(req_id, step, e)
         except Exception as e:
@@ -572,7 +594,11 @@ class _PeerSession:
             return _error(req_id, step, _describe(e))
 
     async def _activate(self, entry: _Entry, rid: str, req_id: int) -> dict[str, Any]:
-        ms = await self.handler.activate_session(rid)
+        try:
+            ms = await self.handler.activate_session(rid)
+        except ReplyLost:
+            entry.state = ACTIVATED
+            raise
         entry.state = ACTIVATED  # committed: from here on ID owns the session
         # Past the commit point nothing may turn this into an error reply (ED would resume
         # and the session would run twice): odd timings are dropped, not fatal.

@@ -110,3 +110,48 @@ def test_socket_sharing_the_address_is_named(fresh_lan: Testbed) -> None:
         finally:
             stranger.close()
         _still_on_ed(bed, sid, c)
+
+
+def test_lost_activation_reply_leaves_one_owner(fresh_lan: Testbed) -> None:
+    """ID activates, then its channel breaks before the reply leaves (ID stays up). ED must
+    not resume: it asks ID again on a new channel, learns that ID activated, and shuts its
+    part down. The move succeeds, with a note; the session runs on ID only, byte-exact."""
+    fault = '[faults]\nfail = ["import:rm.activated_reply"]\n'
+    with RmBed(fresh_lan, extra={"id": fault}) as bed:
+        sid, _, c = _session(bed)
+        out = bed.move("ed", sid, "id")
+        assert "confirmed that it had activated" in out["note"], out
+        assert bed.sessions("ed") == []
+        assert [s["session"] for s in bed.sessions("id")] == [sid]
+        bed.move("id", sid, "ed")  # and it moves on as usual
+        assert [s["session"] for s in bed.sessions("ed")] == [sid]
+        rep = report(c)
+        assert rep["ok"], rep
+        assert all(f["tx_bytes"] == f["rx_bytes"] > 0 for f in rep["tcp"]), rep["tcp"]
+
+
+def test_unreachable_importer_cannot_activate_after_ed_resumed(fresh_lan: Testbed) -> None:
+    """ID hangs on the transfer (no answer at all) past its reservation's lifetime. ED waits
+    in doubt until that lifetime is certainly over, then resumes; ID, awake again, must not
+    activate what it was sent (its reservation expired). The session runs on ED only."""
+    with RmBed(
+        fresh_lan,
+        limits={"id": {"reservation_timeout": 1.0}},
+        extra={"id": '[faults]\nfail = ["import:rm.stall"]\n'},
+    ) as bed:
+        echo_serve(bed, "ed")
+        echo_serve(bed, "id", import_only=True)
+        sid = bed.wait_session("ed")["session"]
+        addr = bed.sessions("ed")[0]["addresses"][0].split("/")[0]
+        c = client(bed, addr, "--duration", "9", "--tcp", "2", "--udp", "1", "--udp-pps", "100")
+        bed.wait_flows("ed", "tcp", 2)
+        time.sleep(0.3)
+        t = time.monotonic()
+        with pytest.raises(ControlError) as err:
+            bed.move("ed", sid, "id")
+        waited = time.monotonic() - t
+        assert err.value.step.startswith("InitiateSessionTransfer"), err.value
+        assert "no reply" in str(err.value)
+        assert waited >= 1.1, waited  # in doubt, ED held on until the reservation was over
+        time.sleep(3.5)  # ID wakes up (after 3 s) and handles the transfer it was sent
+        _still_on_ed(bed, sid, c)

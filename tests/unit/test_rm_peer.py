@@ -312,6 +312,51 @@ def test_no_abort_after_the_commit_point() -> None:
     assert "abort" not in h.names()
 
 
+@pytest.mark.parametrize("outcome", ["activated", "failed"])
+def test_an_abort_from_another_channel_waits_for_the_running_transfer(outcome: str) -> None:
+    """ED, its reply overdue, asks again on a new channel while ID is still importing: the
+    answer must be the transfer's outcome, not an abort racing it."""
+
+    async def scenario(h: FakeHandler, port: int) -> None:
+        async with await client(port) as a, await client(port) as b:
+            res = await a.check_preconditions(OFFER)
+            h.delay["transfer"] = 0.3
+            if outcome == "failed":
+                h.fail["activate"] = RuntimeError("resume failed")
+            moving = asyncio.ensure_future(a.transfer_and_activate(res.reservation_id, b"doc"))
+            await until(lambda: "transfer" in h.names(), "the transfer to start")
+            if outcome == "activated":
+                with pytest.raises(PeerError, match="already activated"):
+                    await b.abort(res.reservation_id, "overdue")
+                assert await moving == h.timings
+            else:
+                await b.abort(res.reservation_id, "overdue")
+                with pytest.raises(PeerError, match="resume failed"):
+                    await moving
+
+    h = run(scenario)
+    names = h.names()
+    assert names[:3] == ["check", "transfer", "activate"], names
+    assert names.count("abort") == (0 if outcome == "activated" else 1)
+
+
+def test_a_reply_lost_after_activation_closes_the_channel_and_an_abort_learns_it() -> None:
+    """The fault hook ReplyLost: no reply, the channel closes, the reservation is activated."""
+
+    async def scenario(h: FakeHandler, port: int) -> None:
+        async with await client(port) as a:
+            res = await a.check_preconditions(OFFER)
+            h.fail["activate"] = peer_mod.ReplyLost("lost")
+            with pytest.raises(PeerLost):
+                await a.transfer_and_activate(res.reservation_id, b"doc")
+        async with await client(port) as b:
+            with pytest.raises(PeerError, match="already activated"):
+                await b.abort(res.reservation_id, "was it activated?")
+
+    h = run(scenario)
+    assert "abort" not in h.names()
+
+
 def test_closing_the_channel_before_activation_aborts_its_reservations() -> None:
     async def scenario(h: FakeHandler, port: int) -> None:
         peer = await client(port)
