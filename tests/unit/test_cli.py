@@ -326,6 +326,16 @@ def test_move_prints_the_timeline_table(capsys: pytest.CaptureFixture[str], rm: 
     assert len(ends) == 1
 
 
+def test_a_moves_note_is_printed_after_the_timeline() -> None:
+    from sessmob.cli import format_timeline
+
+    tl = {**TIMELINE, "note": "reply lost; id then confirmed"}
+    out = format_timeline(tl).splitlines()
+    assert out[-1] == "note: reply lost; id then confirmed"
+    assert out[-2].split()[0] == "t_Mig"
+    assert "note" not in format_timeline(TIMELINE)
+
+
 def test_move_json_is_the_timeline(capsys: pytest.CaptureFixture[str], rm: Rm) -> None:
     rc, out, _ = sessmob(
         capsys, "-j", "--state-dir", rm.state_dir, "session", "move", "s1", "--to", "id"
