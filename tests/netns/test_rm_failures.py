@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import threading
 import time
 
 import pytest
@@ -19,7 +18,6 @@ import pytest
 from netns_testbed.rmbed import RmBed
 from netns_testbed.topology import Testbed
 from sessmob import netns
-from sessmob.cpu_awake import current_cpu_latency_us
 from sessmob.rm.control import ControlError
 
 from .test_rm_e2e import client, echo_serve, report
@@ -86,14 +84,11 @@ def test_rejected_exchange_document(fresh_lan: Testbed) -> None:
         _still_on_ed(bed, sid, c)
 
 
-DELAY_AFTER_CHECK = "[faults]\ndelay_after_check = 0.5\n"
-
-
 def test_expired_reservation(fresh_lan: Testbed) -> None:
     with RmBed(
         fresh_lan,
         limits={"id": {"reservation_timeout": 0.2}},
-        extra={"ed": DELAY_AFTER_CHECK},
+        extra={"ed": "[faults]\ndelay_after_check = 0.5\n"},
     ) as bed:
         sid, _, c = _session(bed)
         with pytest.raises(ControlError) as err:
@@ -160,42 +155,3 @@ def test_unreachable_importer_cannot_activate_after_ed_resumed(fresh_lan: Testbe
         assert waited >= 1.1, waited  # in doubt, ED held on until the reservation was over
         time.sleep(3.5)  # ID wakes up (after 3 s) and handles the transfer it was sent
         _still_on_ed(bed, sid, c)
-
-
-@pytest.mark.parametrize("outcome", ["moved", "expired"])
-def test_cpus_are_kept_awake_only_while_a_move_runs(fresh_lan: Testbed, outcome: str) -> None:
-    """Both RMs hold the 0 µs CPU latency request during the move (here the pause after the
-    check) and withdraw it afterwards, also when the move fails."""
-    limits = {"id": {"reservation_timeout": 0.2}} if outcome == "expired" else {}
-    with RmBed(fresh_lan, limits=limits, extra={"ed": DELAY_AFTER_CHECK}) as bed:
-        sid, _, c = _session(bed)
-        baseline = current_cpu_latency_us()
-        assert baseline > 0
-        seen: list[int] = []
-        done = threading.Event()
-
-        def watch() -> None:
-            while not done.is_set():
-                seen.append(current_cpu_latency_us())
-                time.sleep(0.01)
-
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        try:
-            if outcome == "moved":
-                bed.move("ed", sid, "id")
-            else:
-                with pytest.raises(ControlError, match="reservation"):
-                    bed.move("ed", sid, "id")
-        finally:
-            done.set()
-            watcher.join()
-        assert 0 in seen, seen
-        deadline = time.monotonic() + 2
-        while current_cpu_latency_us() != baseline and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert current_cpu_latency_us() == baseline
-        if outcome == "expired":
-            _still_on_ed(bed, sid, c)
-        else:
-            assert report(c)["ok"]
