@@ -694,6 +694,11 @@ class RelocationManager:
         if not f.cancelled() and f.exception() is not None:
             log.error("session %s: application resume failed: %s", s.session_id, f.exception())
 
+    def may_hold_loop(self) -> bool:
+        return not any(inc.busy for inc in self.incoming.values()) and not any(
+            s.state is SessionState.MOVING for s in self.sessions.values()
+        )
+
     async def abort(self, reservation_id: str, reason: str) -> None:
         inc = self.incoming.get(reservation_id)
         if inc is None:

@@ -119,6 +119,11 @@ class PeerHandler(Protocol):
         activation raised, and when the channel closes before activation."""
         ...
 
+    def may_hold_loop(self) -> bool:
+        """Whether the server may wait for a transfer on its socket with the event loop held
+        (at most TRANSFER_WAIT): not while another move of this RM runs in that loop."""
+        ...
+
 
 class ProtocolViolation(WireError):
     """A well-framed message that is not a valid R message here."""
@@ -495,7 +500,8 @@ class _PeerSession:
                 except OSError:
                     return
                 try:
-                    msg = self._transfer_now() if reply["t"] == "reserved" else None
+                    hold = reply["t"] == "reserved" and self.handler.may_hold_loop()
+                    msg = self._transfer_now() if hold else None
                 except (ConnectionError, WireError):
                     msg = None  # the next recv() meets it again and reports it
         finally:

@@ -50,6 +50,7 @@ class FakeHandler:
         self.delay: dict[str, float] = {}
         self.timings: Any = {"set_state": 0.25, "resume": 0.5}
         self.next_rid = 0
+        self.hold_ok = True
 
     async def _enter(self, name: str, *args: Any) -> None:
         self.calls.append((name, *args))
@@ -72,6 +73,9 @@ class FakeHandler:
 
     async def abort(self, reservation_id: str, reason: str) -> None:
         await self._enter("abort", reservation_id, reason)
+
+    def may_hold_loop(self) -> bool:
+        return self.hold_ok
 
     def names(self) -> list[str]:
         return [c[0] for c in self.calls]
@@ -727,6 +731,27 @@ def test_the_transfer_after_a_reservation_is_taken_straight_off_the_socket(
 
     h = run(scenario)
     assert seen == ["transfer"]
+    assert h.names() == ["check", "transfer", "activate"]
+
+
+def test_no_wait_on_the_socket_while_the_handler_runs_another_move(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An RM exporting a session of its own (or importing another) must not have its loop
+    held: that move's window would stretch by the wait."""
+    seen = _spy_transfer_now(monkeypatch)
+
+    async def move(port: int) -> None:
+        async with await client(port) as peer:
+            res = await peer.check_preconditions(OFFER)
+            await peer.transfer_and_activate(res.reservation_id, b"doc")
+
+    async def scenario(h: FakeHandler, port: int) -> None:
+        h.hold_ok = False
+        await asyncio.to_thread(asyncio.run, move(port))
+
+    h = run(scenario)
+    assert seen == []  # the transfer came through the loop
     assert h.names() == ["check", "transfer", "activate"]
 
 

@@ -147,3 +147,27 @@ def test_one_dial_per_device_and_a_dropped_channel_is_closed(monkeypatch: Any) -
         assert rm.peers["id"] is c and not c.closed and len(dials) == 2
 
     asyncio.run(main())
+
+
+def test_the_loop_is_held_for_a_transfer_only_when_no_other_move_runs() -> None:
+    from sessmob.session import ServiceSession, SessionState
+
+    async def main() -> None:
+        handle = asyncio.get_running_loop().call_later(60, lambda: None)
+        rm = RelocationManager.__new__(RelocationManager)
+        rm.sessions, rm.incoming = {}, {}
+        try:
+            assert rm.may_hold_loop()
+            rm.sessions["a"] = ServiceSession("a", "echo")
+            assert rm.may_hold_loop()  # a session at rest
+            rm.sessions["a"].state = SessionState.MOVING
+            assert not rm.may_hold_loop()  # it is being exported
+            rm.sessions["a"].state = SessionState.ACTIVE
+            rm.incoming["r"] = _Incoming(offer([]), handle, float("inf"))
+            assert rm.may_hold_loop()  # only reserved
+            rm.incoming["r"].busy = True
+            assert not rm.may_hold_loop()  # another import is under way
+        finally:
+            handle.cancel()
+
+    asyncio.run(main())
