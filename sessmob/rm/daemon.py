@@ -54,6 +54,7 @@ log = logging.getLogger("sessmob.rm")
 LEASE_MARGIN = 0.1  # of a reservation's lifetime: ED's and ID's clocks may run at other rates
 ASK_AGAIN = 0.2  # s between an in-doubt ED's attempts to reach ID
 STALL_FAULT = 3.0  # s the fault import:rm.stall hangs the whole RM for, on a transfer
+SLOW_FAULT = 2.5  # s the fault import:rm.slow_activation delays an activation by
 
 
 class Timeline:
@@ -637,6 +638,8 @@ class RelocationManager:
         if s is None:
             raise Refused("rm", f"reservation {reservation_id} has no transferred session")
         times: dict[str, float] = {"set_state_ms": inc.set_state_ms, **inc.parts}
+        if self._faulty("import:rm.slow_activation"):
+            await asyncio.sleep(SLOW_FAULT)  # ED's wait for the reply runs out first
         if asyncio.get_running_loop().time() >= inc.deadline:
             # Past it, the exporting RM may have given up on an answer and resumed.
             await self._discard(reservation_id)

@@ -130,6 +130,25 @@ def test_lost_activation_reply_leaves_one_owner(fresh_lan: Testbed) -> None:
         assert all(f["tx_bytes"] == f["rx_bytes"] > 0 for f in rep["tcp"]), rep["tcp"]
 
 
+def test_an_activation_slower_than_eds_wait_is_learned_on_the_same_channel(
+    fresh_lan: Testbed,
+) -> None:
+    """ID activates after ED stopped waiting for the reply (2 s), within its lease. ED's
+    Abort, queued behind the transfer on the same channel, is answered "already activated":
+    ED shuts its part down and the move succeeds, with a note. One owner, byte-exact."""
+    fault = '[faults]\nfail = ["import:rm.slow_activation"]\n'
+    with RmBed(fresh_lan, extra={"id": fault}) as bed:
+        sid, _, c = _session(bed)
+        out = bed.move("ed", sid, "id")
+        assert "no reply from peer within 2 s" in out["note"], out
+        assert "confirmed that it had activated" in out["note"], out
+        assert bed.sessions("ed") == []
+        assert [s["session"] for s in bed.sessions("id")] == [sid]
+        rep = report(c)
+        assert rep["ok"], rep
+        assert all(f["tx_bytes"] == f["rx_bytes"] > 0 for f in rep["tcp"]), rep["tcp"]
+
+
 def test_unreachable_importer_cannot_activate_after_ed_resumed(fresh_lan: Testbed) -> None:
     """ID hangs on the transfer (no answer at all) past its reservation's lifetime. ED waits
     in doubt until that lifetime is certainly over, then resumes; ID, awake again, must not
