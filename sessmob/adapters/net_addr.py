@@ -173,6 +173,16 @@ class NetAddrAdapter:
             self._prepared[a.addr].announcer.send()
             self._reserved.pop(a.addr, None)
 
+    async def held_elsewhere(self, session: ServiceSession, timeout: float = 1.0) -> str | None:
+        """Which of the session's addresses another node on the link answers for now, with
+        that node's MAC ("addr at mac"), or None. Asked by an exporting device that does not
+        know whether the importer took the session over (its address is gone from here)."""
+        for a in session.addresses:
+            mac = await asyncio.to_thread(neigh.held_by_other, None, self.ifname, a.addr, timeout)
+            if mac is not None:
+                return f"{a.addr} at {mac}"
+        return None
+
     async def shutdown(self, session: ServiceSession, role: Role) -> None:
         for a in session.addresses:
             p = self._prepared.pop(a.addr, None)

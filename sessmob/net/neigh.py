@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from sessmob.net.rtnl import RTM_GETNEIGH, RTM_NEWNEIGH, Rtnl, RtnlError, nlattr, parse_attrs
 from sessmob.netns import socket_in
 
+RTM_DELNEIGH = 29
+
 # <linux/neighbour.h>
 NDA_DST = 1
 NDA_LLADDR = 2
@@ -149,3 +151,40 @@ def resolve(netns: str | None, ifname: str, addr: str, timeout: float = 1.0) -> 
         finally:
             if prober is not None:
                 prober.close()
+
+
+def forget(rtnl: Rtnl, ifindex: int, addr: str) -> None:
+    """Delete the neighbour entry for `addr` on `ifindex`, if there is one (RTM_DELNEIGH)."""
+    ip = ipaddress.ip_address(addr)
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    payload = NDMSG.pack(family, ifindex, 0, 0, 0) + nlattr(NDA_DST, ip.packed)
+    try:
+        rtnl.request(RTM_DELNEIGH, 0, payload, f"RTM_DELNEIGH {addr} {rtnl.where}", NeighError)
+    except NeighError as e:
+        if e.errno != errno.ENOENT:
+            raise
+
+
+def held_by_other(netns: str | None, ifname: str, addr: str, timeout: float = 1.0) -> str | None:
+    """The MAC of another node on the link that answers for `addr` now, or None if none does
+    within `timeout` seconds. Not for an address of this device. Set-up time only.
+
+    What the neighbour table knew is forgotten first (an old entry proves nothing), then the
+    kernel resolves `addr` afresh (NS / ARP request); only an answer makes it usable. The
+    question is asked anew every quarter second: a node that has only just taken the address
+    may miss the first one (a bridge that snoops multicast may not know its new group yet).
+    """
+    ip = ipaddress.ip_address(addr)
+    deadline = time.monotonic() + timeout
+    with Rtnl.open(netns) as rtnl:
+        ifindex = rtnl.ifindex(ifname)
+        while True:
+            forget(rtnl, ifindex, str(ip))
+            left = deadline - time.monotonic()
+            try:
+                return resolve(netns, ifname, str(ip), max(0.0, min(left, 0.25)))
+            except NeighError as e:
+                if e.errno != errno.ETIMEDOUT:
+                    raise
+            if time.monotonic() >= deadline:
+                return None

@@ -34,8 +34,10 @@ Example (one device of the namespace testbed)::
     [faults]                     # fault injection for tests only
     fail = ["export:tcp.get_state"]   # make this adapter primitive raise; also
                                  # "import:rm.activated_reply" (activate, lose the reply),
-                                 # "import:rm.stall" (hang 3 s on a transfer) and
-                                 # "import:rm.slow_activation" (activate 2.5 s late)
+                                 # "import:rm.stall" (hang 3 s on a transfer),
+                                 # "import:rm.slow_activation" (activate 2.5 s late) and
+                                 # "import:rm.deaf_after_activation" (activate, then lose
+                                 # the reply and stop listening for 3 s)
     delay_after_check = 0.0      # s to wait after CheckPreconditions (reservation expiry)
 """
 

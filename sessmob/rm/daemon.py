@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import enum
 import logging
 import os
 import signal
@@ -55,6 +56,7 @@ LEASE_MARGIN = 0.1  # of a reservation's lifetime: ED's and ID's clocks may run 
 ASK_AGAIN = 0.2  # s between an in-doubt ED's attempts to reach ID
 STALL_FAULT = 3.0  # s the fault import:rm.stall hangs the whole RM for, on a transfer
 SLOW_FAULT = 2.5  # s the fault import:rm.slow_activation delays an activation by
+DEAF_FAULT = 3.0  # s the fault import:rm.deaf_after_activation stops listening on R for
 
 
 class Timeline:
@@ -74,6 +76,14 @@ class Timeline:
 
     def as_dict(self, session: str, device: str) -> dict[str, Any]:
         return {"session": session, "to": device, "steps": self.steps, "t_mig_ms": self.t_mig_ms}
+
+
+class _Outcome(enum.Enum):
+    """What became of a session whose move failed before ED heard of the commit point."""
+
+    RESUMED = "resumed here"
+    TAKEN_OVER = "the importer confirmed it had activated"
+    HELD_ELSEWHERE = "no answer, and another node answers for the address"
 
 
 @dataclass
@@ -305,6 +315,7 @@ class RelocationManager:
         t0 = time.perf_counter()
         reached: list[Adapter] = []
         note: str | None = None
+        failed: MoveError | None = None  # shut down here without knowing that ID has it
         with gc_paused():
             try:
                 step = "Suspend"
@@ -320,24 +331,36 @@ class RelocationManager:
                 # No answer to the transfer: ID may have activated. Anything else means it
                 # did not (an error reply, or a failure before the transfer left).
                 in_doubt = step.startswith("Initiate") and isinstance(e, PeerLost | PeerTimeout)
-                took_over = await self._undo_export(
+                outcome, holder = await self._undo_export(
                     s, device, peer, res, f"{step}: {reason}", reached, in_doubt, lease_end
                 )
                 tl.t_mig_ms = round((time.perf_counter() - t0) * 1e3, 3)
-                if not took_over:
+                if outcome is _Outcome.RESUMED:
                     raise MoveError(step, reason, tl.as_dict(s.session_id, device)) from e
                 remote = {}
-                note = (
-                    f"{step}: {reason}; {device} then confirmed that it had activated the "
-                    "session (its reply was lost)"
-                )
+                if outcome is _Outcome.TAKEN_OVER:
+                    note = (
+                        f"{step}: {reason}; {device} then confirmed that it had activated the "
+                        "session (its reply was lost)"
+                    )
+                else:
+                    failed = MoveError(
+                        step,
+                        f"{reason}; {device} did not answer until its reservation had expired, "
+                        f"and the session address now answers from another node ({holder})"
+                        ": the session may run there, so it was shut down here, not resumed "
+                        "(which would put its address on the link twice)",
+                        {},
+                    )
             else:
                 tl.t_mig_ms = round((time.perf_counter() - t0) * 1e3, 3)
-        # ---- committed: the session runs on `device` ----
+        # ---- committed (or, `failed`, possibly so): the session leaves this device ----
         await tl.run("Shutdown", self._each("shutdown", s, Role.EXPORT, reverse=False))
         s.state = SessionState.GONE
         self.sessions.pop(s.session_id, None)
         out = tl.as_dict(s.session_id, device)
+        if failed is not None:
+            raise MoveError(failed.step, failed.reason, out)
         out["importer_steps"] = remote
         if note:
             out["note"] = note
@@ -409,22 +432,33 @@ class RelocationManager:
         reached: list[Adapter],
         in_doubt: bool,
         lease_end: float,
-    ) -> bool:
+    ) -> tuple[_Outcome, str | None]:
         """Before the commit point: the importer discards, the session resumes here.
 
-        Returns True instead, resuming nothing, if the importer reports that it had activated
-        (its reply was lost): the session is then its own, and only shuts down here.
+        Unless the importer reports that it had activated (its reply was lost): the session is
+        then its own (TAKEN_OVER). And when the importer never answered (in doubt until its
+        lease ran out), the session resumes only if no other node answers for its address:
+        one that does (HELD_ELSEWHERE, with "address at MAC") may be the importer running it,
+        and resuming would put the address on the link twice. Nothing is resumed in either
+        case; the caller shuts the session down here.
         """
-        if await self._importer_activated(device, peer, res, reason, in_doubt, lease_end):
+        answer = await self._importer_activated(device, peer, res, reason, in_doubt, lease_end)
+        if answer:
             log.error("session %s: %s reports it is active (reply lost); shutting down here",
                       s.session_id, device)  # fmt: skip
-            return True
+            return _Outcome.TAKEN_OVER, None
+        if answer is None:
+            holder = await self.net.held_elsewhere(s)
+            if holder is not None:
+                log.error("session %s: no answer from %s, and %s: shutting down here",
+                          s.session_id, device, holder)  # fmt: skip
+                return _Outcome.HELD_ELSEWHERE, holder
         # Address back first, then the sockets leave repair mode, then the application;
         # only what the suspend reached.
         for a in (self.net, *self.transports, self.app):
             if a in reached:
                 await a.resume(s, Role.EXPORT)
-        return False
+        return _Outcome.RESUMED, None
 
     async def _importer_activated(
         self,
@@ -434,8 +468,9 @@ class RelocationManager:
         reason: str,
         in_doubt: bool,
         lease_end: float,
-    ) -> bool:
-        """Abort the reservation on ID, and learn from the answer whether ID had activated.
+    ) -> bool | None:
+        """Abort the reservation on ID, and learn from the answer whether ID had activated
+        (None: no answer came although in doubt).
 
         Not in doubt (the failure came before the transfer left, or ID answered it): one Abort
         on the channel, best effort. In doubt (the transfer left, no answer came): the session
@@ -457,13 +492,13 @@ class RelocationManager:
                     failure = _reason(e)
                     await self._drop_peer(device, client)
             left = lease_end - time.monotonic()
-            if not in_doubt or left <= 0:
-                if in_doubt:
-                    log.error("abort of %s unanswered until its reservation expired (%s):"
-                              " resuming here", rid, failure)  # fmt: skip
-                else:
-                    log.warning("abort of %s not delivered: %s", rid, failure)
+            if not in_doubt:
+                log.warning("abort of %s not delivered: %s", rid, failure)
                 return False
+            if left <= 0:
+                log.error("abort of %s unanswered until its reservation expired (%s)",
+                          rid, failure)  # fmt: skip
+                return None
             await asyncio.sleep(min(ASK_AGAIN, left))
             try:
                 client = await self._peer(device)
@@ -688,9 +723,28 @@ class RelocationManager:
         await self.app.release_resources(inc.offer)
         if errors:
             times["post_commit_errors"] = float(len(errors))
-        if self._faulty("import:rm.activated_reply"):
+        if self._faulty("import:rm.deaf_after_activation"):
+            self._go_deaf(DEAF_FAULT)
+        if self._faulty("import:rm.activated_reply") or self._faulty(
+            "import:rm.deaf_after_activation"
+        ):
             raise ReplyLost(f"injected fault: reply to the activation of {reservation_id} lost")
         return times
+
+    def _go_deaf(self, seconds: float) -> None:
+        """Fault injection: stop listening on R for `seconds`, as if cut off, then again."""
+        if self._peer_server is not None:
+            self._peer_server.close()
+
+        async def again() -> None:
+            await asyncio.sleep(seconds)
+            self._peer_server = await serve_peers(
+                self.transport, self.cfg.listen, self.cfg.port, self
+            )
+
+        task = asyncio.ensure_future(again())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _after_resume(self, s: ServiceSession, f: asyncio.Future[None]) -> None:
         self._background.discard(f)

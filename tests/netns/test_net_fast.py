@@ -374,6 +374,22 @@ def test_resolve_of_an_absent_host_times_out_clearly(topo: Topo, target: str) ->
     assert target in str(info.value) and topo.ns["a"] in str(info.value)
 
 
+@pytest.mark.parametrize("version", [6, 4])
+def test_held_by_other_asks_afresh_and_ignores_an_old_entry(topo: Topo, version: int) -> None:
+    """What an exporting device in doubt asks: who answers for the session address now."""
+    addr, plen = ("2001:db8:1::77", 64) if version == 6 else ("192.0.2.77", 24)
+    ip("-n", topo.ns["b"], "addr", "add", f"{addr}/{plen}", "dev", IFNAME, "nodad")
+    assert neigh.held_by_other(topo.ns["a"], IFNAME, addr, timeout=0.5) == topo.mac["b"]
+    ip("-n", topo.ns["b"], "addr", "del", f"{addr}/{plen}", "dev", IFNAME)
+    old = neigh.lookup(topo.rtnl["a"], topo.ifindex["a"], addr)
+    assert old is not None and old.usable  # a's table still points at b ...
+    start = time.monotonic()
+    assert neigh.held_by_other(topo.ns["a"], IFNAME, addr, timeout=0.3) is None  # ... no one
+    assert time.monotonic() - start < 1.0
+    ip("-n", topo.ns["c"], "addr", "add", f"{addr}/{plen}", "dev", IFNAME, "nodad")
+    assert neigh.held_by_other(topo.ns["a"], IFNAME, addr, timeout=0.5) == topo.mac["c"]
+
+
 def test_resolve_without_a_route_says_so(topo: Topo) -> None:
     with pytest.raises(neigh.NeighError) as info:
         neigh.resolve(topo.ns["a"], IFNAME, "203.0.113.9", timeout=0.2)

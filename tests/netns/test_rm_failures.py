@@ -174,3 +174,29 @@ def test_unreachable_importer_cannot_activate_after_ed_resumed(fresh_lan: Testbe
         assert waited >= 1.1, waited  # in doubt, ED held on until the reservation was over
         time.sleep(3.5)  # ID wakes up (after 3 s) and handles the transfer it was sent
         _still_on_ed(bed, sid, c)
+
+
+def test_importer_unreachable_after_activating_is_not_joined_by_a_second_owner(
+    fresh_lan: Testbed,
+) -> None:
+    """ID activates, its reply is lost and it stops listening for longer than its lease: ED
+    never hears the outcome. Once the lease is over, ED finds the session address answered
+    by another node (ID, running the session): it shuts its part down instead of resuming
+    (which would put the address on the link twice), and says so. The session runs on ID
+    only, byte-exact."""
+    with RmBed(
+        fresh_lan,
+        limits={"id": {"reservation_timeout": 1.0}},
+        extra={"id": '[faults]\nfail = ["import:rm.deaf_after_activation"]\n'},
+    ) as bed:
+        sid, addr, c = _session(bed)
+        with pytest.raises(ControlError) as err:
+            bed.move("ed", sid, "id")
+        assert err.value.step.startswith("InitiateSessionTransfer"), err.value
+        assert f"answers from another node ({addr} at " in str(err.value)
+        assert "shut down here, not resumed" in str(err.value)
+        assert bed.sessions("ed") == []
+        assert [s["session"] for s in bed.sessions("id")] == [sid]
+        rep = report(c)
+        assert rep["ok"], rep
+        assert all(f["tx_bytes"] == f["rx_bytes"] > 0 for f in rep["tcp"]), rep["tcp"]
