@@ -90,7 +90,12 @@ def _wait_progress(ep: StreamEndpoint, nbytes: int, timeout: float = 5.0) -> Non
 
 
 def run_rm_echo(
-    runs: int, interval: float, rate: float = RATE, log: Any = None
+    runs: int,
+    interval: float,
+    rate: float = RATE,
+    log: Any = None,
+    *,
+    keep_cpus_awake: bool = True,
 ) -> tuple[dict[str, Any], list[str]]:
     """Build a lan with RMs and the echo session, move it `runs` times; (its JSON, problems)."""
     t_mig: list[float] = []
@@ -100,7 +105,8 @@ def run_rm_echo(
     stalls: list[float] = []
     baseline: list[float] = []
     problems: list[str] = []
-    with build_lan() as tb, RmBed(tb) as bed:
+    moves = "" if keep_cpus_awake else "[moves]\nkeep_cpus_awake = false\n"
+    with build_lan() as tb, RmBed(tb, extra={"ed": moves, "id": moves}) as bed:
         sid, addr = _start_echo(bed)
         before = _cn_counters(tb)
         ep = _connect_client(tb, addr, rate)
@@ -180,10 +186,13 @@ def run_floor(runs: int, interval: float, log: Any = None) -> dict[str, Any]:
     return run_scenario(SCENARIOS[FLOOR], runs, interval, log)
 
 
-def run(runs: int, interval: float, log: Any = sys.stderr) -> dict[str, Any]:
+def run(
+    runs: int, interval: float, log: Any = sys.stderr, *, keep_cpus_awake: bool = True
+) -> dict[str, Any]:
     """Both halves of `rm-echo-addr`; the scenario's JSON."""
     print(f"bench rm: {NAME}, {runs} moves through the RMs ...", file=log, flush=True)
-    r, problems = run_rm_echo(runs, interval, RATE, log)
+    r, problems = run_rm_echo(runs, interval, RATE, log, keep_cpus_awake=keep_cpus_awake)
+    r["keep_cpus_awake"] = keep_cpus_awake
     print(f"bench rm: floor (raw move, {FLOOR}), {runs} moves ...", file=log, flush=True)
     floor: dict[str, Any] | None
     try:
@@ -247,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MS",
         help="time after each move, over which the CN stall is measured (default 30)",
     )
+    ap.add_argument(
+        "--cpus-may-sleep",
+        action="store_true",
+        help="RMs configured with [moves] keep_cpus_awake = false: idle CPUs may enter sleep "
+        "states during moves (to measure what keeping them awake is worth)",
+    )
     return ap
 
 
@@ -267,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("sessmob bench: needs root (network namespaces, TCP_REPAIR)", file=sys.stderr)
         return 2
-    r = run(args.runs, args.interval_ms / 1e3)
+    r = run(args.runs, args.interval_ms / 1e3, keep_cpus_awake=not args.cpus_may_sleep)
     results = {NAME: r}
     print_table({**results, **({f"floor: {FLOOR}": r["floor"]} if r["floor"] else {})}, sys.stdout)
     fm = r["floor_ms"]

@@ -31,6 +31,11 @@ Example (one device of the namespace testbed)::
     app_timeout = 2.0            # s: per application request
     max_document = 268435456     # bytes of one exchange document
 
+    [moves]
+    keep_cpus_awake = true       # hold a 0 µs CPU latency request (PM QoS) from the
+                                 # reservation to the end of the freeze window: idle CPUs
+                                 # poll instead of sleeping (sessmob/cpu_awake.py)
+
     [faults]                     # fault injection for tests only
     fail = ["export:tcp.get_state"]   # make this adapter primitive raise; also
                                  # "import:rm.activated_reply" (activate, lose the reply),
@@ -88,6 +93,7 @@ class Config:
     app_timeout: float = 2.0
     max_document: int = 256 << 20
     adapters: tuple[str, ...] = ("application", "net_addr", "tcp", "udp")
+    keep_cpus_awake: bool = True
     # Fault injection for the tests of the failure paths; never set in production.
     faults: frozenset[str] = frozenset()  # "export:tcp.get_state", "import:application.set_state"
     delay_after_check: float = 0.0  # s the exporter waits after CheckPreconditions
@@ -172,6 +178,12 @@ def parse(data: dict[str, Any], state_dir: str) -> Config:
             f"adapters: {sorted(missing)} cannot be disabled (the RM moves TCP sessions by "
             "address takeover; udp is optional)"
         )
+    moves = data.get("moves", {})
+    if not isinstance(moves, dict):
+        raise ConfigError("moves: a table")
+    awake = moves.get("keep_cpus_awake", True)
+    if not isinstance(awake, bool):
+        raise ConfigError(f"moves.keep_cpus_awake: true or false, got {awake!r}")
     faults = data.get("faults", {})
     fail = faults.get("fail", [])
     if not isinstance(fail, list) or not all(isinstance(f, str) for f in fail):
@@ -195,6 +207,7 @@ def parse(data: dict[str, Any], state_dir: str) -> Config:
         app_timeout=num("app_timeout", 2.0),
         max_document=int(num("max_document", 256 << 20)),
         adapters=tuple(a for a in ALL_ADAPTERS if a in adapters),
+        keep_cpus_awake=awake,
         faults=frozenset(fail),
         delay_after_check=float(delay),
     )

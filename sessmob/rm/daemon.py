@@ -33,6 +33,7 @@ from sessmob.adapters.base import Adapter, Refused, Role, TransferOffer
 from sessmob.adapters.net_addr import NetAddrAdapter
 from sessmob.adapters.tcp import TcpAdapter
 from sessmob.adapters.udp import UdpAdapter
+from sessmob.cpu_awake import CpuAwake, Hold
 from sessmob.exchange import AppState, ExchangeDoc, FlowState, Limits, decode, encode, validate
 from sessmob.hotpath import gc_paused, settle
 from sessmob.rm.config import Config, ConfigError, load
@@ -93,6 +94,7 @@ class _Incoming:
     offer: TransferOffer
     expiry: asyncio.TimerHandle
     deadline: float  # loop time: no activation from then on (ED counts on it when in doubt)
+    awake: Hold  # the CPUs kept awake until activation or discard
     session: ServiceSession | None = None
     activated: bool = False
     busy: bool = False  # a transfer or activation is running: expiry waits for it
@@ -139,6 +141,9 @@ class RelocationManager:
         )
         self._peer_server: Listener | None = None
         self._background: set[asyncio.Future[None]] = set()
+        # Held by each move out (until its window ends) and each reservation in (until
+        # activated or discarded).
+        self.awake = CpuAwake(cfg.keep_cpus_awake)
 
     # -- life -----------------------------------------------------------------------------
 
@@ -169,6 +174,7 @@ class RelocationManager:
         if self.udp is not None:
             self.udp.close()
         self.net.close()
+        self.awake.close()
 
     # -- SessionHost (applications) -------------------------------------------------------
 
@@ -280,13 +286,17 @@ class RelocationManager:
             raise MoveError("Move", f"session {session_id} is already on {device}", {})
         tl = Timeline()
         session.state = SessionState.MOVING
+        awake = self.awake.hold()
         try:
-            return await self._move(session, device, tl)
+            return await self._move(session, device, tl, awake)
         finally:
+            awake.release()  # idempotent: usually the end of the window released it
             if session.state is SessionState.MOVING:
                 session.state = SessionState.ACTIVE
 
-    async def _move(self, s: ServiceSession, device: str, tl: Timeline) -> dict[str, Any]:
+    async def _move(
+        self, s: ServiceSession, device: str, tl: Timeline, awake: Hold
+    ) -> dict[str, Any]:
         step = "Connect"
         peer: PeerClient | None = None
         try:
@@ -354,6 +364,7 @@ class RelocationManager:
                     )
             else:
                 tl.t_mig_ms = round((time.perf_counter() - t0) * 1e3, 3)
+        awake.release()
         # ---- committed (or, `failed`, possibly so): the session leaves this device ----
         await tl.run("Shutdown", self._each("shutdown", s, Role.EXPORT, reverse=False))
         s.state = SessionState.GONE
@@ -547,7 +558,9 @@ class RelocationManager:
             lambda: asyncio.ensure_future(self._expire(rid)),
         )
         deadline = loop.time() + self.cfg.reservation_timeout
-        self.incoming[rid] = _Incoming(offer, expiry, deadline, prepared=prepared)
+        self.incoming[rid] = _Incoming(
+            offer, expiry, deadline, self.awake.hold(), prepared=prepared
+        )
         return Reservation(rid, self.cfg.reservation_timeout)
 
     async def _prepare_import(self, offer: TransferOffer) -> dict[str, tuple[str, socket.socket]]:
@@ -720,6 +733,7 @@ class RelocationManager:
         s.state = SessionState.ACTIVE
         self.sessions[s.session_id] = s
         self.incoming.pop(reservation_id, None)
+        asyncio.get_running_loop().call_soon(inc.awake.release)  # once the reply is out
         await self.app.release_resources(inc.offer)
         if errors:
             times["post_commit_errors"] = float(len(errors))
@@ -783,6 +797,7 @@ class RelocationManager:
         if inc is None:
             return
         inc.expiry.cancel()
+        inc.awake.release()
         if inc.session is not None:
             for a in reversed(inc.done):
                 try:

@@ -16,7 +16,7 @@ SCENARIO_KEYS = {
     "move_wall_ms", "cn_stall_ms", "baseline_cn_stall_ms", "stall_ratio_to_baseline",
     "bytes_lost", "bytes_duplicated", "bytes_verified", "problems", "cn_resets", "cn_rto_count",
     "cn_tlp_count", "cn_retrans_segs", "floor_ms", "ratio_to_floor", "floor", "targets",
-    "python_after_pause",
+    "python_after_pause", "keep_cpus_awake",
 }  # fmt: skip
 IN_T_MIG = ("Suspend", "GetState")
 
@@ -55,3 +55,12 @@ def test_bench_writes_the_documented_json(
     cold = r["python_after_pause"]
     assert cold["warm_us"] > 0 and cold["after_pause_us"] > 0 and cold["pause_ms"] == 10.0
     assert "this machine: Python paused 10 ms runs" in printed
+    assert r["keep_cpus_awake"] is True
+
+
+def test_bench_can_let_the_cpus_sleep(tmp_path: Path) -> None:
+    out = tmp_path / "rm.json"
+    rc = cli.main(["bench", "--runs", "2", "--cpus-may-sleep", "--json", str(out)])
+    r = json.loads(out.read_text())["scenarios"][bench_rm.NAME]
+    assert rc == 0 and r["problems"] == [] and r["runs"] == 2
+    assert r["keep_cpus_awake"] is False

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -18,6 +19,7 @@ import pytest
 from netns_testbed.rmbed import RmBed
 from netns_testbed.topology import Testbed
 from sessmob import netns
+from sessmob.cpu_awake import current_cpu_latency_us
 from sessmob.rm.control import ControlError
 
 from .test_rm_e2e import client, echo_serve, report
@@ -84,11 +86,14 @@ def test_rejected_exchange_document(fresh_lan: Testbed) -> None:
         _still_on_ed(bed, sid, c)
 
 
+DELAY_AFTER_CHECK = "[faults]\ndelay_after_check = 0.5\n"
+
+
 def test_expired_reservation(fresh_lan: Testbed) -> None:
     with RmBed(
         fresh_lan,
         limits={"id": {"reservation_timeout": 0.2}},
-        extra={"ed": "[faults]\ndelay_after_check = 0.5\n"},
+        extra={"ed": DELAY_AFTER_CHECK},
     ) as bed:
         sid, _, c = _session(bed)
         with pytest.raises(ControlError) as err:
@@ -200,3 +205,42 @@ def test_importer_unreachable_after_activating_is_not_joined_by_a_second_owner(
         rep = report(c)
         assert rep["ok"], rep
         assert all(f["tx_bytes"] == f["rx_bytes"] > 0 for f in rep["tcp"]), rep["tcp"]
+
+
+@pytest.mark.parametrize("outcome", ["moved", "expired"])
+def test_cpus_are_kept_awake_only_while_a_move_runs(fresh_lan: Testbed, outcome: str) -> None:
+    """Both RMs hold the 0 µs CPU latency request during the move (here the pause after the
+    check) and withdraw it afterwards, also when the move fails."""
+    limits = {"id": {"reservation_timeout": 0.2}} if outcome == "expired" else {}
+    with RmBed(fresh_lan, limits=limits, extra={"ed": DELAY_AFTER_CHECK}) as bed:
+        sid, _, c = _session(bed)
+        baseline = current_cpu_latency_us()
+        assert baseline > 0
+        seen: list[int] = []
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                seen.append(current_cpu_latency_us())
+                time.sleep(0.01)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            if outcome == "moved":
+                bed.move("ed", sid, "id")
+            else:
+                with pytest.raises(ControlError, match="reservation"):
+                    bed.move("ed", sid, "id")
+        finally:
+            done.set()
+            watcher.join()
+        assert 0 in seen, seen
+        deadline = time.monotonic() + 2
+        while current_cpu_latency_us() != baseline and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert current_cpu_latency_us() == baseline
+        if outcome == "expired":
+            _still_on_ed(bed, sid, c)
+        else:
+            assert report(c)["ok"]

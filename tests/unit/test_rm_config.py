@@ -48,6 +48,8 @@ def test_defaults() -> None:
     cfg = parse(BASE, "/tmp")
     assert cfg.adapters == ("application", "net_addr", "tcp", "udp")
     assert cfg.reservation_timeout == 5.0 and cfg.delay_after_check == 0.0
+    assert cfg.keep_cpus_awake is True
+    assert parse(with_(moves={"keep_cpus_awake": False}), "/tmp").keep_cpus_awake is False
 
 
 @pytest.mark.parametrize(
@@ -70,6 +72,8 @@ def test_defaults() -> None:
         (with_(adapters=["application", "net_addr", "tcp", "shim6"]), "unknown"),
         (with_(faults={"fail": "export:tcp.get_state"}), "faults.fail"),
         (with_(faults={"delay_after_check": -1}), "faults.delay_after_check"),
+        (with_(moves={"keep_cpus_awake": "yes"}), "moves.keep_cpus_awake"),
+        (with_(moves=[]), "moves: a table"),
     ],
 )
 def test_refused(data: dict[str, Any], message: str) -> None:
