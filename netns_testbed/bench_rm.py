@@ -29,6 +29,7 @@ import time
 from typing import Any
 
 from sessmob.netns import entered, socket_in
+from sessmob.rm.config import CPUS_AWAKE
 from sessmob.rm.control import ControlError
 
 from . import coldprobe
@@ -95,7 +96,7 @@ def run_rm_echo(
     rate: float = RATE,
     log: Any = None,
     *,
-    keep_cpus_awake: bool = True,
+    cpus_awake: str = "during-moves",
 ) -> tuple[dict[str, Any], list[str]]:
     """Build a lan with RMs and the echo session, move it `runs` times; (its JSON, problems)."""
     t_mig: list[float] = []
@@ -105,7 +106,7 @@ def run_rm_echo(
     stalls: list[float] = []
     baseline: list[float] = []
     problems: list[str] = []
-    moves = "" if keep_cpus_awake else "[moves]\nkeep_cpus_awake = false\n"
+    moves = f'[moves]\nkeep_cpus_awake = "{cpus_awake}"\n'
     with build_lan() as tb, RmBed(tb, extra={"ed": moves, "id": moves}) as bed:
         sid, addr = _start_echo(bed)
         before = _cn_counters(tb)
@@ -187,12 +188,12 @@ def run_floor(runs: int, interval: float, log: Any = None) -> dict[str, Any]:
 
 
 def run(
-    runs: int, interval: float, log: Any = sys.stderr, *, keep_cpus_awake: bool = True
+    runs: int, interval: float, log: Any = sys.stderr, *, cpus_awake: str = "during-moves"
 ) -> dict[str, Any]:
     """Both halves of `rm-echo-addr`; the scenario's JSON."""
     print(f"bench rm: {NAME}, {runs} moves through the RMs ...", file=log, flush=True)
-    r, problems = run_rm_echo(runs, interval, RATE, log, keep_cpus_awake=keep_cpus_awake)
-    r["keep_cpus_awake"] = keep_cpus_awake
+    r, problems = run_rm_echo(runs, interval, RATE, log, cpus_awake=cpus_awake)
+    r["keep_cpus_awake"] = cpus_awake
     print(f"bench rm: floor (raw move, {FLOOR}), {runs} moves ...", file=log, flush=True)
     floor: dict[str, Any] | None
     try:
@@ -257,10 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="time after each move, over which the CN stall is measured (default 30)",
     )
     ap.add_argument(
-        "--cpus-may-sleep",
-        action="store_true",
-        help="RMs configured with [moves] keep_cpus_awake = false: idle CPUs may enter sleep "
-        "states during moves (to measure what keeping them awake is worth)",
+        "--cpus-awake",
+        choices=CPUS_AWAKE,
+        default="during-moves",
+        metavar="WHEN",
+        help="the RMs' [moves] keep_cpus_awake: during-moves (their default), always or never "
+        "(idle CPUs poll instead of sleeping while it holds)",
     )
     return ap
 
@@ -282,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("sessmob bench: needs root (network namespaces, TCP_REPAIR)", file=sys.stderr)
         return 2
-    r = run(args.runs, args.interval_ms / 1e3, keep_cpus_awake=not args.cpus_may_sleep)
+    r = run(args.runs, args.interval_ms / 1e3, cpus_awake=args.cpus_awake)
     results = {NAME: r}
     print_table({**results, **({f"floor: {FLOOR}": r["floor"]} if r["floor"] else {})}, sys.stdout)
     fm = r["floor_ms"]

@@ -32,9 +32,11 @@ Example (one device of the namespace testbed)::
     max_document = 268435456     # bytes of one exchange document
 
     [moves]
-    keep_cpus_awake = true       # hold a 0 µs CPU latency request (PM QoS) from the
-                                 # reservation to the end of the freeze window: idle CPUs
-                                 # poll instead of sleeping (sessmob/cpu_awake.py)
+    keep_cpus_awake = "during-moves"  # a 0 µs CPU latency request (PM QoS) makes idle CPUs
+                                 # poll instead of sleeping: "during-moves" (from the
+                                 # reservation to the end of the freeze window), "always"
+                                 # (while the RM runs: faster and steadier moves, at the cost
+                                 # of CPUs that never sleep) or "never" (sessmob/cpu_awake.py)
 
     [faults]                     # fault injection for tests only
     fail = ["export:tcp.get_state"]   # make this adapter primitive raise; also
@@ -57,6 +59,7 @@ from typing import Any
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 ALL_ADAPTERS = ("application", "net_addr", "tcp", "udp")
 REQUIRED_ADAPTERS = ("application", "net_addr", "tcp")
+CPUS_AWAKE = ("during-moves", "always", "never")
 
 
 class ConfigError(ValueError):
@@ -93,7 +96,7 @@ class Config:
     app_timeout: float = 2.0
     max_document: int = 256 << 20
     adapters: tuple[str, ...] = ("application", "net_addr", "tcp", "udp")
-    keep_cpus_awake: bool = True
+    keep_cpus_awake: str = "during-moves"  # one of CPUS_AWAKE
     # Fault injection for the tests of the failure paths; never set in production.
     faults: frozenset[str] = frozenset()  # "export:tcp.get_state", "import:application.set_state"
     delay_after_check: float = 0.0  # s the exporter waits after CheckPreconditions
@@ -181,9 +184,9 @@ def parse(data: dict[str, Any], state_dir: str) -> Config:
     moves = data.get("moves", {})
     if not isinstance(moves, dict):
         raise ConfigError("moves: a table")
-    awake = moves.get("keep_cpus_awake", True)
-    if not isinstance(awake, bool):
-        raise ConfigError(f"moves.keep_cpus_awake: true or false, got {awake!r}")
+    awake = moves.get("keep_cpus_awake", "during-moves")
+    if awake not in CPUS_AWAKE:
+        raise ConfigError(f"moves.keep_cpus_awake: one of {', '.join(CPUS_AWAKE)}; got {awake!r}")
     faults = data.get("faults", {})
     fail = faults.get("fail", [])
     if not isinstance(fail, list) or not all(isinstance(f, str) for f in fail):

@@ -142,8 +142,8 @@ class RelocationManager:
         self._peer_server: Listener | None = None
         self._background: set[asyncio.Future[None]] = set()
         # Held by each move out (until its window ends) and each reservation in (until
-        # activated or discarded).
-        self.awake = CpuAwake(cfg.keep_cpus_awake)
+        # activated or discarded); with keep_cpus_awake = "always" also from start to close.
+        self.awake = CpuAwake(cfg.keep_cpus_awake != "never")
 
     # -- life -----------------------------------------------------------------------------
 
@@ -152,6 +152,8 @@ class RelocationManager:
         await self.appserver.start()
         await self.control.start()
         self._peer_server = await serve_peers(self.transport, self.cfg.listen, self.cfg.port, self)
+        if self.cfg.keep_cpus_awake == "always":
+            self.awake.hold()  # until close()
         log.info(
             "rm %s: R on [%s]:%d, state in %s",
             self.cfg.device,

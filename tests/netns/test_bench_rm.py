@@ -55,12 +55,13 @@ def test_bench_writes_the_documented_json(
     cold = r["python_after_pause"]
     assert cold["warm_us"] > 0 and cold["after_pause_us"] > 0 and cold["pause_ms"] == 10.0
     assert "this machine: Python paused 10 ms runs" in printed
-    assert r["keep_cpus_awake"] is True
+    assert r["keep_cpus_awake"] == "during-moves"
 
 
-def test_bench_can_let_the_cpus_sleep(tmp_path: Path) -> None:
+@pytest.mark.parametrize("when", ["never", "always"])
+def test_bench_runs_the_rms_with_the_cpus_awake_as_asked(tmp_path: Path, when: str) -> None:
     out = tmp_path / "rm.json"
-    rc = cli.main(["bench", "--runs", "2", "--cpus-may-sleep", "--json", str(out)])
+    rc = cli.main(["bench", "--runs", "2", "--cpus-awake", when, "--json", str(out)])
     r = json.loads(out.read_text())["scenarios"][bench_rm.NAME]
     assert rc == 0 and r["problems"] == [] and r["runs"] == 2
-    assert r["keep_cpus_awake"] is False
+    assert r["keep_cpus_awake"] == when

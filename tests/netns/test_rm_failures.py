@@ -244,3 +244,16 @@ def test_cpus_are_kept_awake_only_while_a_move_runs(fresh_lan: Testbed, outcome:
             _still_on_ed(bed, sid, c)
         else:
             assert report(c)["ok"]
+
+
+def test_an_rm_told_to_keep_the_cpus_awake_always_holds_it_until_it_stops(
+    fresh_lan: Testbed,
+) -> None:
+    baseline = current_cpu_latency_us()
+    assert baseline > 0
+    with RmBed(fresh_lan, extra={"ed": '[moves]\nkeep_cpus_awake = "always"\n'}):
+        deadline = time.monotonic() + 5
+        while current_cpu_latency_us() != 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert current_cpu_latency_us() == 0  # idle, no move: held all the same
+    assert current_cpu_latency_us() == baseline  # the RM stopped: withdrawn

@@ -48,8 +48,9 @@ def test_defaults() -> None:
     cfg = parse(BASE, "/tmp")
     assert cfg.adapters == ("application", "net_addr", "tcp", "udp")
     assert cfg.reservation_timeout == 5.0 and cfg.delay_after_check == 0.0
-    assert cfg.keep_cpus_awake is True
-    assert parse(with_(moves={"keep_cpus_awake": False}), "/tmp").keep_cpus_awake is False
+    assert cfg.keep_cpus_awake == "during-moves"
+    for when in ("always", "never"):
+        assert parse(with_(moves={"keep_cpus_awake": when}), "/tmp").keep_cpus_awake == when
 
 
 @pytest.mark.parametrize(
@@ -72,7 +73,7 @@ def test_defaults() -> None:
         (with_(adapters=["application", "net_addr", "tcp", "shim6"]), "unknown"),
         (with_(faults={"fail": "export:tcp.get_state"}), "faults.fail"),
         (with_(faults={"delay_after_check": -1}), "faults.delay_after_check"),
-        (with_(moves={"keep_cpus_awake": "yes"}), "moves.keep_cpus_awake"),
+        (with_(moves={"keep_cpus_awake": True}), "moves.keep_cpus_awake: one of during-moves"),
         (with_(moves=[]), "moves: a table"),
     ],
 )
