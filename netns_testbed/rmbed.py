@@ -53,6 +53,15 @@ class RmBed(Closing):
             self.close()
             raise
 
+    def start_rm(self, dev: str) -> None:
+        """(Re)start `dev`'s RM with the current config (its state dir kept) and wait until
+        it answers. The previous process must have ended."""
+        old = self.procs.get(dev)
+        if old is not None and old.poll() is None:
+            raise RuntimeError(f"rm on {dev} is still running")
+        self._start_rm(dev)
+        self._wait_control(dev)
+
     def state_dir(self, dev: str) -> str:
         return os.path.join(self.root, dev)
 

@@ -44,7 +44,8 @@ Example (one device of the namespace testbed)::
                                  # "import:rm.stall" (hang 3 s on a transfer),
                                  # "import:rm.slow_activation" (activate 2.5 s late) and
                                  # "import:rm.deaf_after_activation" (activate, then lose
-                                 # the reply and stop listening for 3 s)
+                                 # the reply and stop listening for 3 s),
+                                 # "import:rm.crash_after_activation" (exit before replying)
     delay_after_check = 0.0      # s to wait after CheckPreconditions (reservation expiry)
 """
 

@@ -38,6 +38,7 @@ from sessmob.exchange import AppState, ExchangeDoc, FlowState, Limits, decode, e
 from sessmob.hotpath import gc_paused, settle
 from sessmob.rm.config import Config, ConfigError, load
 from sessmob.rm.control import ControlServer, MoveError
+from sessmob.rm.journal import ActivationJournal
 from sessmob.rm.peer import (
     ABORT,
     PeerClient,
@@ -94,6 +95,7 @@ class _Incoming:
     offer: TransferOffer
     expiry: asyncio.TimerHandle
     deadline: float  # loop time: no activation from then on (ED counts on it when in doubt)
+    peer: str | None  # the exporting RM's authenticated name (None on a plain transport)
     awake: Hold  # the CPUs kept awake until activation or discard
     session: ServiceSession | None = None
     activated: bool = False
@@ -140,6 +142,7 @@ class RelocationManager:
             os.path.join(cfg.state_dir, "control.sock"), self, allowed_uids=cfg.allowed_uids
         )
         self._peer_server: Listener | None = None
+        self.journal: ActivationJournal | None = None  # opened by start()
         self._background: set[asyncio.Future[None]] = set()
         # Held by each move out (until its window ends) and each reservation in (until
         # activated or discarded); with keep_cpus_awake = "always" also from start to close.
@@ -151,7 +154,8 @@ class RelocationManager:
         os.makedirs(self.cfg.state_dir, exist_ok=True)
         await self.appserver.start()
         await self.control.start()
-        self._peer_server = await serve_peers(self.transport, self.cfg.listen, self.cfg.port, self)
+        self.journal = ActivationJournal(os.path.join(self.cfg.state_dir, "activations"))
+        self._peer_server = await self._serve_peers()
         if self.cfg.keep_cpus_awake == "always":
             self.awake.hold()  # until close()
         log.info(
@@ -177,6 +181,14 @@ class RelocationManager:
             self.udp.close()
         self.net.close()
         self.awake.close()
+        if self.journal is not None:
+            self.journal.close()
+
+    async def _serve_peers(self) -> Listener:
+        assert self.journal is not None
+        return await serve_peers(
+            self.transport, self.cfg.listen, self.cfg.port, self, self.journal.entries()
+        )
 
     # -- SessionHost (applications) -------------------------------------------------------
 
@@ -561,7 +573,7 @@ class RelocationManager:
         )
         deadline = loop.time() + self.cfg.reservation_timeout
         self.incoming[rid] = _Incoming(
-            offer, expiry, deadline, self.awake.hold(), prepared=prepared
+            offer, expiry, deadline, peer, self.awake.hold(), prepared=prepared
         )
         return Reservation(rid, self.cfg.reservation_timeout)
 
@@ -704,8 +716,14 @@ class RelocationManager:
             inc.busy = False
             await self._discard(reservation_id)
             raise
-        # Committed: from here the session is this device's.
+        # Committed: from here the session is this device's. Written down before the reply
+        # leaves, so that a restarted RM still answers "already activated".
         inc.activated = True
+        if self.journal is not None:
+            try:
+                self.journal.record(reservation_id, inc.peer)
+            except OSError as e:
+                log.error("activation of %s not recorded: %s", reservation_id, e)
         inc.busy = False
         inc.expiry.cancel()
         t_post = time.perf_counter()
@@ -739,6 +757,8 @@ class RelocationManager:
         await self.app.release_resources(inc.offer)
         if errors:
             times["post_commit_errors"] = float(len(errors))
+        if self._faulty("import:rm.crash_after_activation"):
+            os._exit(70)  # the RM dies before its reply; the importer runs on
         if self._faulty("import:rm.deaf_after_activation"):
             self._go_deaf(DEAF_FAULT)
         if self._faulty("import:rm.activated_reply") or self._faulty(
@@ -754,9 +774,7 @@ class RelocationManager:
 
         async def again() -> None:
             await asyncio.sleep(seconds)
-            self._peer_server = await serve_peers(
-                self.transport, self.cfg.listen, self.cfg.port, self
-            )
+            self._peer_server = await self._serve_peers()
 
         task = asyncio.ensure_future(again())
         self._background.add(task)

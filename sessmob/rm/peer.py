@@ -31,6 +31,7 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -412,9 +413,20 @@ class _Lost(Exception):
 # ID side
 
 
-async def serve_peers(transport: Transport, host: str, port: int, handler: PeerHandler) -> Listener:
-    """Accept other RMs on host:port and run their requests against `handler`."""
+async def serve_peers(
+    transport: Transport,
+    host: str,
+    port: int,
+    handler: PeerHandler,
+    activated: Iterable[tuple[str, str | None]] = (),
+) -> Listener:
+    """Accept other RMs on host:port and run their requests against `handler`.
+
+    `activated`: reservations activated before this server started, (id, peer name) each, so
+    that an Abort naming one is answered "already activated" (sessmob.rm.journal)."""
     registry = _Registry()
+    for rid, peer_name in activated:
+        registry.entries[rid] = _Entry(None, peer_name, ACTIVATED)
 
     async def on_channel(channel: Channel) -> None:
         await _PeerSession(channel, handler, registry).run()
@@ -443,7 +455,7 @@ OPEN, ACTIVATED, ABORTED = "open", "activated", "aborted"
 
 @dataclass
 class _Entry:
-    channel: Channel  # the channel that made the reservation: only it may transfer/activate
+    channel: Channel | None  # the channel that made it (only it may transfer or activate)
     peer_name: str | None
     state: str = OPEN
     # Held while a request on it runs: an Abort from another channel (ED asking anew after

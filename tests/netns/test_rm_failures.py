@@ -257,3 +257,33 @@ def test_an_rm_told_to_keep_the_cpus_awake_always_holds_it_until_it_stops(
             time.sleep(0.01)
         assert current_cpu_latency_us() == 0  # idle, no move: held all the same
     assert current_cpu_latency_us() == baseline  # the RM stopped: withdrawn
+
+
+def test_an_importer_rm_restarted_after_activating_still_says_so(fresh_lan: Testbed) -> None:
+    """ID's RM dies right after activating, before its reply; it is restarted within the
+    lease. ED, in doubt, asks the new RM, which read its activation journal: "already
+    activated". ED shuts its part down and the move succeeds, with a note; the importer
+    application runs the session on, byte-exact."""
+    fault = '[faults]\nfail = ["import:rm.crash_after_activation"]\n'
+    with RmBed(fresh_lan, extra={"id": fault}) as bed:
+        sid, _, c = _session(bed)
+        restarted: list[int | None] = []
+
+        def restart_id() -> None:
+            old = bed.procs["id"]
+            restarted.append(old.wait(20))
+            bed.extra["id"] = ""  # the new RM runs without the fault
+            bed.start_rm("id")
+
+        t = threading.Thread(target=restart_id)
+        t.start()
+        try:
+            out = bed.move("ed", sid, "id")
+        finally:
+            t.join()
+        assert restarted == [70]
+        assert "confirmed that it had activated" in out["note"], out
+        assert bed.sessions("ed") == []
+        rep = report(c)
+        assert rep["ok"], rep
+        assert all(f["tx_bytes"] == f["rx_bytes"] > 0 for f in rep["tcp"]), rep["tcp"]

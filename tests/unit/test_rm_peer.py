@@ -790,3 +790,29 @@ def test_trouble_met_while_waiting_for_the_transfer_ends_only_that_channel(
     assert h.names()[:2] == ["check", "abort"]
     # met inside the wait; the fresh client's wait ends empty (it shares the server's loop)
     assert seen == ["WireError" if after == "bad-frame" else "ConnectionError", None]
+
+
+def test_a_server_started_with_earlier_activations_still_reports_them() -> None:
+    """A restarted RM (sessmob.rm.journal) answers an Abort of what it activated before."""
+    h = FakeHandler()
+
+    async def main() -> None:
+        server = cast(
+            asyncio.Server,
+            await serve_peers(PlainTransport(), "127.0.0.1", 0, h, [("r-old", None)]),
+        )
+        port = server.sockets[0].getsockname()[1]
+        try:
+            async with await client(port) as peer:
+                with pytest.raises(PeerError, match="already activated"):
+                    await peer.abort("r-old", "was it activated?")
+                with pytest.raises(PeerError, match="unknown reservation"):
+                    await peer.activate_session("r-old")  # nothing to activate here
+                with pytest.raises(PeerError, match="unknown reservation"):
+                    await peer.abort("r-other", "and this one?")
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
+    assert h.calls == []

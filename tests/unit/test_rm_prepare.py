@@ -97,14 +97,14 @@ def test_prepared_sockets_are_used_only_for_exactly_the_documents_flows() -> Non
             "u": ("udp", socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)),
         }
         try:
-            inc = _Incoming(offer([]), handle, float("inf"), Hold(None), prepared=made)
+            inc = _Incoming(offer([]), handle, float("inf"), None, Hold(None), prepared=made)
             fits = RelocationManager._prepared_for
             assert fits(inc, doc([tcp_flow("f0"), udp_flow("u")]))
             assert not fits(inc, doc([tcp_flow("f0")]))  # a flow went away
             assert not fits(inc, doc([tcp_flow("f0"), udp_flow("u"), tcp_flow("f1")]))
             assert not fits(inc, doc([tcp_flow("f0", socket.AF_INET), udp_flow("u")]))
             assert not fits(inc, doc([tcp_flow("u"), udp_flow("f0")]))  # kinds swapped
-            empty = _Incoming(offer([]), handle, float("inf"), Hold(None))
+            empty = _Incoming(offer([]), handle, float("inf"), None, Hold(None))
             assert not fits(empty, doc([]))  # nothing prepared
         finally:
             handle.cancel()
@@ -165,7 +165,7 @@ def test_the_loop_is_held_for_a_transfer_only_when_no_other_move_runs() -> None:
             rm.sessions["a"].state = SessionState.MOVING
             assert not rm.may_hold_loop()  # it is being exported
             rm.sessions["a"].state = SessionState.ACTIVE
-            rm.incoming["r"] = _Incoming(offer([]), handle, float("inf"), Hold(None))
+            rm.incoming["r"] = _Incoming(offer([]), handle, float("inf"), None, Hold(None))
             assert rm.may_hold_loop()  # only reserved
             rm.incoming["r"].busy = True
             assert not rm.may_hold_loop()  # another import is under way
