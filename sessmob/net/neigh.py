@@ -71,11 +71,17 @@ class Neighbour:
         return bool(self.state & NUD_USABLE) and self.lladdr is not None
 
 
+def _ndmsg(ifindex: int, addr: str) -> bytes:
+    """The ndmsg naming `addr`'s entry on `ifindex`, for RTM_GETNEIGH / RTM_DELNEIGH."""
+    ip = ipaddress.ip_address(addr)
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    return NDMSG.pack(family, ifindex, 0, 0, 0) + nlattr(NDA_DST, ip.packed)
+
+
 def lookup(rtnl: Rtnl, ifindex: int, addr: str) -> Neighbour | None:
     """The neighbour entry for `addr` on `ifindex` (RTM_GETNEIGH), or None if there is none."""
     ip = ipaddress.ip_address(addr)
-    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-    payload = NDMSG.pack(family, ifindex, 0, 0, 0) + nlattr(NDA_DST, ip.packed)
+    payload = _ndmsg(ifindex, addr)
     what = f"RTM_GETNEIGH {addr} on ifindex {ifindex} {rtnl.where}"
     try:
         replies = rtnl.request(RTM_GETNEIGH, 0, payload, what, NeighError)
@@ -155,11 +161,9 @@ def resolve(netns: str | None, ifname: str, addr: str, timeout: float = 1.0) -> 
 
 def forget(rtnl: Rtnl, ifindex: int, addr: str) -> None:
     """Delete the neighbour entry for `addr` on `ifindex`, if there is one (RTM_DELNEIGH)."""
-    ip = ipaddress.ip_address(addr)
-    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-    payload = NDMSG.pack(family, ifindex, 0, 0, 0) + nlattr(NDA_DST, ip.packed)
+    what = f"RTM_DELNEIGH {addr} {rtnl.where}"
     try:
-        rtnl.request(RTM_DELNEIGH, 0, payload, f"RTM_DELNEIGH {addr} {rtnl.where}", NeighError)
+        rtnl.request(RTM_DELNEIGH, 0, _ndmsg(ifindex, addr), what, NeighError)
     except NeighError as e:
         if e.errno != errno.ENOENT:
             raise

@@ -623,9 +623,7 @@ class RelocationManager:
             raise Refused("rm", f"reservation {reservation_id} already has a session")
         if self._faulty("import:rm.stall"):
             time.sleep(STALL_FAULT)  # the whole RM hangs: unreachable, as if cut off
-        if asyncio.get_running_loop().time() >= inc.deadline:  # its expiry had no turn yet
-            await self._discard(reservation_id)
-            raise Refused("rm", f"reservation {reservation_id} expired before the transfer")
+        await self._refuse_if_expired(reservation_id, inc, "the transfer")
         inc.busy = True
         try:
             await self._initiate_transfer(reservation_id, inc, document)
@@ -702,10 +700,7 @@ class RelocationManager:
         times: dict[str, float] = {"set_state_ms": inc.set_state_ms, **inc.parts}
         if self._faulty("import:rm.slow_activation"):
             await asyncio.sleep(SLOW_FAULT)  # ED's wait for the reply runs out first
-        if asyncio.get_running_loop().time() >= inc.deadline:
-            # Past it, the exporting RM may have given up on an answer and resumed.
-            await self._discard(reservation_id)
-            raise Refused("rm", f"reservation {reservation_id} expired before activation")
+        await self._refuse_if_expired(reservation_id, inc, "activation")
         t = time.perf_counter()
         inc.busy = True
         try:
@@ -713,9 +708,10 @@ class RelocationManager:
                 self._fault("import", a, "resume")
                 await a.resume(s, Role.IMPORT)
         except Exception:
-            inc.busy = False
             await self._discard(reservation_id)
             raise
+        finally:
+            inc.busy = False
         # Committed: from here the session is this device's. Written down before the reply
         # leaves, so that a restarted RM still answers "already activated".
         inc.activated = True
@@ -724,7 +720,6 @@ class RelocationManager:
                 self.journal.record(reservation_id, inc.peer)
             except OSError as e:
                 log.error("activation of %s not recorded: %s", reservation_id, e)
-        inc.busy = False
         inc.expiry.cancel()
         t_post = time.perf_counter()
         times["activate_ms"] = round((t_post - t) * 1e3, 3)
@@ -759,13 +754,19 @@ class RelocationManager:
             times["post_commit_errors"] = float(len(errors))
         if self._faulty("import:rm.crash_after_activation"):
             os._exit(70)  # the RM dies before its reply; the importer runs on
-        if self._faulty("import:rm.deaf_after_activation"):
+        deaf = self._faulty("import:rm.deaf_after_activation")
+        if deaf:
             self._go_deaf(DEAF_FAULT)
-        if self._faulty("import:rm.activated_reply") or self._faulty(
-            "import:rm.deaf_after_activation"
-        ):
+        if deaf or self._faulty("import:rm.activated_reply"):
             raise ReplyLost(f"injected fault: reply to the activation of {reservation_id} lost")
         return times
+
+    async def _refuse_if_expired(self, reservation_id: str, inc: _Incoming, what: str) -> None:
+        """The lease: nothing is taken in or activated once the reservation's time is up, even
+        if its expiry timer has not had its turn (ED, in doubt, may have resumed by then)."""
+        if asyncio.get_running_loop().time() >= inc.deadline:
+            await self._discard(reservation_id)
+            raise Refused("rm", f"reservation {reservation_id} expired before {what}")
 
     def _go_deaf(self, seconds: float) -> None:
         """Fault injection: stop listening on R for `seconds`, as if cut off, then again."""
@@ -802,7 +803,7 @@ class RelocationManager:
     async def _expire(self, rid: str) -> None:
         inc = self.incoming.get(rid)
         if inc is not None and inc.busy:
-            # Not in the middle of a transfer: once it ends, activation checks the deadline
+            # Never in the middle of a transfer: once it ends, activation checks the deadline
             # itself, and a failed one is aborted by ED or when its channel closes.
             inc.expiry = asyncio.get_running_loop().call_later(
                 0.05, lambda: asyncio.ensure_future(self._expire(rid))
