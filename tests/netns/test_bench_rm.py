@@ -4,12 +4,15 @@ numbers that hang together (docs/testbed.md, "The RM benchmark")."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from netns_testbed import bench_rm
 from sessmob import cli
+from sessmob.cpu_awake import current_cpu_latency_us
 
 SCENARIO_KEYS = {
     "runs", "kind", "flows", "rate_bytes_per_s", "t_mig_ms", "phases_ms", "importer_phases_ms",
@@ -60,8 +63,25 @@ def test_bench_writes_the_documented_json(
 
 @pytest.mark.parametrize("when", ["never", "always"])
 def test_bench_runs_the_rms_with_the_cpus_awake_as_asked(tmp_path: Path, when: str) -> None:
+    """The option reaches the RMs: with "always" the 0 µs request is in force while they run,
+    with "never" it never is."""
     out = tmp_path / "rm.json"
-    rc = cli.main(["bench", "--runs", "2", "--cpus-awake", when, "--json", str(out)])
+    seen: set[int] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.add(current_cpu_latency_us())
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        rc = cli.main(["bench", "--runs", "2", "--cpus-awake", when, "--json", str(out)])
+    finally:
+        done.set()
+        watcher.join()
     r = json.loads(out.read_text())["scenarios"][bench_rm.NAME]
     assert rc == 0 and r["problems"] == [] and r["runs"] == 2
     assert r["keep_cpus_awake"] == when
+    assert (0 in seen) == (when == "always"), seen
